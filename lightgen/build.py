@@ -1,0 +1,84 @@
+"""Generated kernel files: write once per source key into the cache folder, import from there.
+
+Triton needs @triton.jit functions to live in real .py files, so each variant's rendered module is
+written to  <cache>/<slug>_<key>.py  where key hashes the variant, the template sources and
+lightgen's version (see render.source_key). The first line holds a checksum of the rest, so a
+truncated or edited file is re-rendered rather than imported.
+
+Cache folder: $LIGHTGEN_CACHE_DIR, else $XDG_CACHE_HOME/lightgen/kernels, else ~/.cache/lightgen/kernels.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+from .render import render, source_key
+from .spec import Variant
+
+_loaded: dict[str, ModuleType] = {}
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LIGHTGEN_CACHE_DIR"):
+        return Path(os.environ["LIGHTGEN_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lightgen" / "kernels"
+
+
+def kernel_path(variant: Variant) -> Path:
+    return cache_dir() / f"{variant.slug}_{source_key(variant)}.py"
+
+
+def _checksum(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _is_intact(path: Path) -> bool:
+    try:
+        first, _, body = path.read_text().partition("\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first == f"# lightgen-checksum: {_checksum(body)}"
+
+
+def _write(path: Path, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # write to a temp file and rename: readers in other processes never see half a file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"# lightgen-checksum: {_checksum(body)}\n{body}")
+    os.replace(tmp, path)
+
+
+def ensure_source(variant: Variant) -> Path:
+    """The generated file for this variant, rendered only if missing or damaged."""
+    path = kernel_path(variant)
+    if not _is_intact(path):
+        if path.exists():
+            warnings.warn(f"lightgen: generated file {path} is damaged (checksum mismatch); regenerating", stacklevel=3)
+        _write(path, render(variant))
+    return path
+
+
+def load(variant: Variant) -> ModuleType:
+    """Import the variant's kernel module (once per process and source key)."""
+    key = source_key(variant)
+    with _lock:
+        if key not in _loaded:
+            path = ensure_source(variant)
+            name = f"lightgen_kernels_{key}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # Triton reads the source of jitted functions via their module
+            spec.loader.exec_module(module)
+            module.INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+            _loaded[key] = module
+        return _loaded[key]

@@ -1,0 +1,81 @@
+"""Jinja rendering: a Variant plus its symbolic pieces -> the source text of its kernel module."""
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import jinja2
+
+from . import __version__
+from .spec import Variant
+from .symbolic import decay_code, features_code
+
+MAIN_TEMPLATE = "kernels.py.j2"
+
+
+def template_dir() -> Path:
+    """templates/ ships inside the wheel as lightgen/templates; in a source checkout it sits beside lightgen/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if (candidate / MAIN_TEMPLATE).is_file():
+            return candidate
+    raise FileNotFoundError(f"lightgen templates not found next to {here}; reinstall lightgen")
+
+
+def source_key(variant: Variant, templates: Path | None = None) -> str:
+    """Hash of everything that shapes the generated file: variant, template sources, lightgen version."""
+    templates = templates or template_dir()
+    h = hashlib.sha256(f"{__version__}\n{variant.hash}\n{variant.canonical()}\n".encode())
+    for path in sorted(templates.glob("*.j2")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def render(variant: Variant, templates: Path | None = None) -> str:
+    templates = templates or template_dir()
+    env = _environment(str(templates))
+    feats = features_code(variant)
+    lrpe = variant.lrpe == "d"
+
+    def parts(x):
+        return [f"{x}_{p}" for p in feats["parts"]]
+
+    def features(x):
+        args = f"{x}, t, th" if lrpe else x
+        return f"{', '.join(parts(x))} = _features({args})"
+
+    def scaled(x):
+        return f"{', '.join(parts(x))} = {', '.join(p + ' * scale' for p in parts(x))}"
+
+    def masked(x):
+        # padded rows load zeros, but phi(0) need not be 0: keep them out of the state
+        return [f"{p} = tl.where(mask[:, None], {p}, 0.0)" for p in parts(x)]
+
+    def chain(x, source, factor):
+        grads = ", ".join(f"{factor}out_{p}" for p in parts(source))
+        if lrpe:
+            return [f"d{x}, dth = _features_grad({x}, t, th, {grads})",
+                    "dth_acc += tl.sum(tl.where(mask[:, None], dth, 0.0), axis=0)"]
+        return [f"d{x} = _features_grad({x}, {grads})"]
+
+    def store(ptr, row_stride, cols, value, tensor, accumulate):
+        lines = [f"offs = {ptr} + rows[:, None] * {row_stride} + {cols}[None, :]"]
+        if accumulate:  # second walk of a non-causal kernel adds to the first's result
+            lines.append(f"{value} += tl.load(offs, mask=mask[:, None], other=0.0).to(tl.float32)")
+        lines.append(f"tl.store(offs, {value}.to({tensor}.dtype.element_ty), mask=mask[:, None])")
+        return lines
+
+    return env.get_template(MAIN_TEMPLATE).render(
+        variant=variant, key=source_key(variant, templates), version=__version__, feats=feats,
+        decay=variant.decay != "none", lrpe=lrpe,
+        parts=parts, features=features, scaled=scaled, masked=masked, chain=chain, store=store,
+        zip_parts=lambda a, b: list(zip(parts(a), parts(b))),
+        decay_weight=lambda ld, dist: decay_code(variant, ld, dist),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _environment(path: str) -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(path), undefined=jinja2.StrictUndefined,
+                              keep_trailing_newline=True, autoescape=False)

@@ -1,0 +1,170 @@
+"""Variant: the symbolic description of one linear-attention kernel family.
+
+A Variant is what the compiler takes as input. It is immutable, validated on
+construction, has a canonical text form usable on the command line, e.g.
+
+    decay=constant,causal,lrpe=d,phi=silu,dk=128,dv=128
+
+and a stable hash of that canonical form (the generated kernels are cached by it).
+
+Grammar of the text form (comma-separated, order free, whitespace ignored):
+    decay=none|constant        default none
+    causal | noncausal         default causal (also causal=true|false)
+    lrpe=none|d                default none
+    phi=NAME|EXPR              a known name (identity, silu, elu+1, relu) or a sympy
+                               expression in x, e.g. phi=x**2 or phi=1+elu(x); default identity
+    dk=INT, dv=INT             head dims: powers of two in 16..256 (required)
+    scale=FLOAT                multiplies q·k; default dk**-0.5
+Commas inside parentheses belong to the expression: phi=Max(x,0) works.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+DECAYS = ("none", "constant")
+LRPES = ("none", "d")
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Variant:
+    dk: int
+    dv: int
+    decay: str = "none"
+    causal: bool = True
+    lrpe: str = "none"
+    phi: str = "identity"
+    scale: float | None = None
+    # canonical sympy text of phi, filled in by __post_init__ (part of the hash)
+    phi_expr: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self):
+        from .symbolic import feature_map  # late import: sympy is only needed here
+
+        for name in ("dk", "dv"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value not in HEAD_DIMS:
+                raise ValueError(f"{name}={value!r}: expected a power of two in 16..256 ({', '.join(map(str, HEAD_DIMS))})")
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay={self.decay!r}: expected one of {', '.join(DECAYS)}")
+        if self.lrpe not in LRPES:
+            raise ValueError(f"lrpe={self.lrpe!r}: expected one of {', '.join(LRPES)}")
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal={self.causal!r}: expected a bool")
+        scale = self.dk ** -0.5 if self.scale is None else self.scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale={self.scale!r}: expected a positive finite float")
+        object.__setattr__(self, "scale", float(scale))
+        object.__setattr__(self, "phi_expr", str(feature_map(self.phi)))
+
+    # ---- text form -------------------------------------------------------
+    @classmethod
+    def parse(cls, spec: str) -> "Variant":
+        """Build a Variant from its text form (see the module docstring)."""
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"spec={spec!r}: expected text like 'decay=constant,causal,dk=64,dv=64'")
+        fields: dict = {}
+        for item in _split_top_level(spec):
+            key, sep, value = item.partition("=")
+            key, value = key.strip().lower(), value.strip()
+            if key in ("causal", "noncausal") and not sep:
+                fields["causal"] = key == "causal"
+            elif key == "causal":
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(f"spec item {item!r}: causal expects true or false")
+                fields["causal"] = value.lower() in ("true", "1", "yes")
+            elif not sep or not value:
+                raise ValueError(f"spec item {item!r}: expected key=value (keys: decay, causal, lrpe, phi, dk, dv, scale)")
+            elif key in ("dk", "dv"):
+                try:
+                    fields[key] = int(value)
+                except ValueError:
+                    raise ValueError(f"spec item {item!r}: {key} expects an integer") from None
+            elif key == "scale":
+                try:
+                    fields[key] = float(value)
+                except ValueError:
+                    raise ValueError(f"spec item {item!r}: scale expects a number") from None
+            elif key in ("decay", "lrpe", "phi"):
+                fields[key] = value
+            else:
+                raise ValueError(f"spec item {item!r}: unknown key {key!r} (keys: decay, causal, lrpe, phi, dk, dv, scale)")
+        for required in ("dk", "dv"):
+            if required not in fields:
+                raise ValueError(f"spec={spec!r}: missing {required}=INT")
+        return cls(**fields)
+
+    def canonical(self) -> str:
+        parts = [f"decay={self.decay}", "causal" if self.causal else "noncausal", f"lrpe={self.lrpe}",
+                 f"phi={self.phi_name}", f"dk={self.dk}", f"dv={self.dv}", f"scale={self.scale!r}"]
+        return ",".join(parts)
+
+    __str__ = canonical
+
+    @property
+    def phi_name(self) -> str:
+        """The known name when phi is one, else the canonical sympy text."""
+        from .symbolic import KNOWN_FEATURE_MAPS
+
+        return self.phi if self.phi in KNOWN_FEATURE_MAPS else self.phi_expr
+
+    @property
+    def hash(self) -> str:
+        # phi_expr (not the name) is hashed: 'silu' and 'x/(1+exp(-x))' are the same kernel.
+        text = self.canonical().replace(f"phi={self.phi_name}", f"phi={self.phi_expr}")
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def slug(self) -> str:
+        """Short readable file-name stem."""
+        return (f"{'causal' if self.causal else 'noncausal'}_{self.decay}_lrpe{self.lrpe}_"
+                f"dk{self.dk}_dv{self.dv}")
+
+
+def as_variant(spec) -> Variant:
+    if isinstance(spec, Variant):
+        return spec
+    if isinstance(spec, str):
+        return Variant.parse(spec)
+    raise TypeError(f"variant={spec!r}: expected a lightgen.Variant or a spec string")
+
+
+def _split_top_level(spec: str) -> list[str]:
+    """Split at commas that are not inside parentheses."""
+    items, depth, current = [], 0, []
+    for ch in spec:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"spec={spec!r}: unbalanced ')'")
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if depth:
+        raise ValueError(f"spec={spec!r}: unbalanced '('")
+    items.append("".join(current))
+    items = [item.strip() for item in items]
+    if any(not item for item in items):
+        raise ValueError(f"spec={spec!r}: empty item (stray comma?)")
+    return items
+
+
+def tnl_slopes(heads: int) -> list[float]:
+    """TransNormerLLM / ALiBi decay rates s_h (lambda_h = exp(-s_h)): 2^(-8(h+1)/H) for H a power of
+    two; otherwise the ALiBi rule (those of the power of two below, then every other of the one above)."""
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads={heads!r}: expected a positive int")
+
+    def power_of_two(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    if heads & (heads - 1) == 0:
+        return power_of_two(heads)
+    below = 1 << (heads.bit_length() - 1)
+    return power_of_two(below) + tnl_slopes(2 * below)[0::2][: heads - below]
