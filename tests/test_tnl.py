@@ -1,0 +1,424 @@
+"""tnl: TransNormerLLM on lightgen. CPU, tiny configs, short sequences.
+
+Pass with and without TRITON_INTERPRET=1: with it, the model's attention runs lightgen's Triton
+kernels under the interpreter (sequences <= 64 tokens there); without it, the PyTorch reference.
+Two tests that need long sequences or many steps drop the variable for their duration (they test
+the model's recurrent form and the training loop, not the kernels).
+"""
+import json
+import math
+
+import pytest
+import torch
+
+import lightgen
+from lightgen import reference
+from tnl import TNLConfig, TNLForCausalLM, data, generation
+from tnl.layers import SRMSNorm, decay_slopes, lrpe_theta_init
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny tensors: a second thread only adds synchronisation, and thrashes when the cores are shared
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    """The attention's PyTorch reference path instead of kernels in Triton's interpreter."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def make_model(seed=0, **overrides):
+    # a larger init than training's 0.02 so that attention moves the logits visibly
+    torch.manual_seed(seed)
+    return TNLForCausalLM(TNLConfig.preset("tiny", **{"init_std": 0.1, **overrides})).eval()
+
+
+def rel_err(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+def test_config_json_round_trip(tmp_path):
+    cfg = TNLConfig.preset("tiny", vocab_size=300, lrpe_layers=[0, 1], slope_schedule="paper",
+                           gate_act="sigmoid", tie_word_embeddings=True)
+    assert TNLConfig.from_json(cfg.to_json()) == cfg
+    cfg.save(tmp_path / "c.json")
+    assert TNLConfig.load(tmp_path / "c.json") == cfg
+    assert json.loads(cfg.to_json())["lrpe_layers"] == [0, 1]
+
+
+@pytest.mark.parametrize("name, sizes", [
+    ("385m", (1024, 24, 8, 2816)), ("1b", (2048, 16, 16, 5632)), ("7b", (4096, 30, 32, 11008))])
+def test_presets(name, sizes):
+    cfg = TNLConfig.preset(name, vocab_size=64000)
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.glu_dim) == sizes
+    assert cfg.head_dim == 128 and cfg.vocab_size == 64000
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(num_heads=3), "num_heads"),
+    (dict(hidden_size=48), "num_heads"),  # head dim 24: not a kernel size
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(num_layers=True), "num_layers"),
+    (dict(lrpe_layers=[2]), "lrpe_layers"),
+    (dict(slope_schedule="alibi"), "slope_schedule"),
+    (dict(gate_act="tanh"), "gate_act"),
+    (dict(norm_eps=0.0), "norm_eps"),
+    (dict(scale_embedding="yes"), "scale_embedding"),
+])
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        TNLConfig.preset("tiny", **overrides)
+
+
+def test_config_rejects_unknown_fields_and_presets():
+    with pytest.raises(ValueError, match="hidden_dim"):
+        TNLConfig.from_dict({"hidden_dim": 64})
+    with pytest.raises(ValueError, match="preset"):
+        TNLConfig.preset("13b")
+
+
+# ---- layers ------------------------------------------------------------------------------------
+
+def test_srmsnorm_has_no_parameters_and_unit_rms():
+    norm = SRMSNorm(1e-6)
+    assert list(norm.parameters()) == []
+    y = norm(torch.randn(3, 5, 64) * 7)
+    torch.testing.assert_close(y.pow(2).mean(-1), torch.ones(3, 5), rtol=1e-4, atol=1e-4)
+
+
+def test_decay_slopes_schedules():
+    base = torch.tensor(lightgen.tnl_slopes(4))
+    released = TNLConfig.preset("tiny", hidden_size=128, num_heads=4, num_layers=3)
+    torch.testing.assert_close(decay_slopes(released, 0), base * (1 + 1e-5))
+    torch.testing.assert_close(decay_slopes(released, 1), base * (0.5 + 1e-5))
+    torch.testing.assert_close(decay_slopes(released, 2), base * 1e-5)
+    one_layer = TNLConfig.preset("tiny", num_layers=1)
+    torch.testing.assert_close(decay_slopes(one_layer, 0), torch.tensor(lightgen.tnl_slopes(2)))
+    paper = TNLConfig.preset("tiny", hidden_size=128, num_heads=4, num_layers=2, slope_schedule="paper")
+    torch.testing.assert_close(decay_slopes(paper, 0), torch.tensor([2.0, 4.0, 6.0, 8.0]) * 0.5)
+    torch.testing.assert_close(decay_slopes(paper, 1), torch.zeros(4))
+
+
+def test_gla_wiring():
+    model = make_model()
+    mixers = [block.token_mixer for block in model.layers]
+    # theta: learnable, only where LRPE is on (layer 0 by default), 10000^(-2i/(H d)) as [H, d]
+    assert isinstance(mixers[0].theta, torch.nn.Parameter) and mixers[1].theta is None
+    expected = 10000.0 ** (-2.0 / 64 * torch.arange(64.0)).reshape(2, 32)
+    torch.testing.assert_close(mixers[0].theta.detach(), expected)
+    torch.testing.assert_close(lrpe_theta_init(2, 32), expected)
+    # slopes: a buffer, not a parameter, not saved (rebuilt from the config)
+    names = dict(model.named_parameters())
+    assert not any("slopes" in n for n in names) and not any("slopes" in n for n in model.state_dict())
+    torch.testing.assert_close(mixers[0].slopes, decay_slopes(model.config, 0))
+    model.to(torch.bfloat16)  # the rates stay fp32: bf16 would round them by up to 0.4%
+    assert mixers[0].qkvu_proj.weight.dtype == torch.bfloat16 and mixers[0].slopes.dtype == torch.float32
+    # the exact lightgen variant
+    assert mixers[0].attn.variant == lightgen.Variant.parse(
+        "decay=constant,causal,lrpe=d,phi=silu,dk=32,dv=32,scale=1")
+    assert mixers[1].attn.variant == lightgen.Variant.parse(
+        "decay=constant,causal,lrpe=none,phi=silu,dk=32,dv=32,scale=1")
+
+
+def test_tied_and_untied_heads():
+    tied = make_model(tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    untied = make_model()
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+
+
+# ---- parallel form vs recurrent form -----------------------------------------------------------
+
+def recurrent_logits(model, ids, prompt_len, chunk):
+    """Prompt through chunked prefill, then every later token through the recurrent step."""
+    with torch.no_grad():
+        logits, cache = generation.prefill(model, ids[:, :prompt_len], chunk_size=chunk, all_logits=True)
+        steps = [model(ids[:, t:t + 1], cache=cache) for t in range(prompt_len, ids.shape[1])]
+    assert cache.position == ids.shape[1]
+    return torch.cat([logits, *steps], dim=1)
+
+
+def test_parallel_matches_recurrent_over_240_tokens(no_interpreter):
+    model = make_model(lrpe_layers=[0])  # layer 0 with LRPE, layer 1 without
+    ids = torch.randint(0, 256, (2, 240), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        parallel = model(ids)
+    recurrent = recurrent_logits(model, ids, prompt_len=40, chunk=16)  # chunks 16, 16, 8, then 200 steps
+    assert rel_err(recurrent, parallel) < 1e-5
+    torch.testing.assert_close(recurrent, parallel, rtol=1e-4, atol=1e-4)
+    # the attention matters: other decay rates give other logits
+    model.layers[0].token_mixer.slopes.mul_(4)
+    with torch.no_grad():
+        assert rel_err(model(ids), parallel) > 1e-3
+
+
+def test_parallel_kernel_matches_recurrent_short():
+    """48 tokens: under TRITON_INTERPRET=1 the parallel side is lightgen's Triton kernel."""
+    model = make_model(lrpe_layers=[0, 1])
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        parallel = model(ids)
+    recurrent = recurrent_logits(model, ids, prompt_len=20, chunk=8)
+    assert rel_err(recurrent, parallel) < 2e-5
+
+
+def test_recurrent_state_is_constant_size():
+    model = make_model()
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        _, cache = generation.prefill(model, ids, chunk_size=5)
+        shapes = [tuple(s.shape) for s in cache.states]
+        for t in range(10):
+            model(ids[:, t:t + 1], cache=cache)
+    # [B, H, K, d]: K = 2d where LRPE-d doubles the features (layer 0), d elsewhere
+    assert shapes == [(1, 2, 64, 32), (1, 2, 32, 32)]
+    assert [tuple(s.shape) for s in cache.states] == shapes
+
+
+# ---- generate ----------------------------------------------------------------------------------
+
+def test_greedy_generate_matches_parallel_argmax():
+    model = make_model()
+    prompt = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
+    out = model.generate(prompt, 30, greedy=True)
+    assert out.shape == (2, 40) and torch.equal(out[:, :10], prompt)
+    with torch.no_grad():
+        logits = model(out[:, :-1])
+    torch.testing.assert_close(out[:, 10:], logits[:, 9:].argmax(-1), rtol=0, atol=0)
+    assert torch.equal(model.generate(prompt, 30, do_sample=False), out)
+    assert torch.equal(model.generate(prompt, 30, top_k=1), out)  # top-1 sampling is greedy
+
+
+def test_sampling_is_seeded_and_respects_filters():
+    model = make_model()
+    prompt = torch.randint(0, 256, (3, 4))
+    a = model.generate(prompt, 12, temperature=0.7, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    b = model.generate(prompt, 12, temperature=0.7, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]])
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        assert generation.sample_next(logits, top_k=2, generator=g).item() in (1, 2)
+        assert generation.sample_next(logits, top_p=0.5, generator=g).item() == 1
+
+
+def test_generate_stops_at_eos_and_pads():
+    model = make_model()
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(5))
+    free = model.generate(prompt, 8, greedy=True)
+    eos = int(free[0, 6])  # row 0 emits it by its second new token
+    out = model.generate(prompt, 8, greedy=True, eos_token_id=eos)
+    # each row follows the free run up to its first eos, then holds eos; all rows done -> stop
+    ends = []
+    for row in range(2):
+        hits = (free[row, 5:] == eos).nonzero()
+        ends.append(5 + int(hits[0]) + 1 if len(hits) else 13)
+    assert out.shape == (2, max(ends))
+    for row, end in enumerate(ends):
+        assert torch.equal(out[row, :end], free[row, :end])
+        assert (out[row, end:] == eos).all()
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=1.5), "top_p"),
+])
+def test_generate_argument_errors(kwargs, field):
+    model = make_model()
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=field):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), **kwargs)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+
+
+# ---- gradients vs a float64 reference ----------------------------------------------------------
+
+class Float64Reference:
+    """lightgen.reference.quadratic in float64: the attention of the reference model."""
+
+    def __init__(self, variant):
+        self.variant = variant
+
+    def __call__(self, q, k, v, slopes=None, theta=None):
+        return reference.quadratic(self.variant, q.double(), k.double(), v.double(), slopes.double(),
+                                   None if theta is None else theta.double())
+
+
+def test_gradients_match_float64_reference():
+    model = make_model(lrpe_layers=[0]).train()
+    ref = TNLForCausalLM(model.config).train()
+    ref.load_state_dict(model.state_dict())
+    ref.double()
+    for block in ref.layers:
+        block.token_mixer.attn = Float64Reference(block.token_mixer.attn.variant)
+    ids = torch.randint(0, 256, (2, 49), generator=torch.Generator().manual_seed(4))
+    loss = model.loss(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    ref_loss = ref.loss(ids[:, :-1], ids[:, 1:])
+    ref_loss.backward()
+    # fp32 against float64: the loss to 1e-5 relative, every gradient to 1e-5 relative (Frobenius);
+    # measured about 1e-7 and 1e-6
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * ref_loss.item()
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None and ref_params[name].grad is not None, name
+        assert ref_params[name].grad.norm() > 0, name
+        assert rel_err(p.grad, ref_params[name].grad) < 1e-5, name
+    assert model.layers[0].token_mixer.theta.grad.abs().sum() > 0  # dθ comes back from the kernel
+
+
+# ---- save / load, torch.compile ----------------------------------------------------------------
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_load_round_trip(tmp_path, tie):
+    model = make_model(tie_word_embeddings=tie)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = TNLForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tie
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        # tied weights are stored once
+        assert sum(k in f.keys() for k in ("lm_head.weight", "embed_tokens.weight")) == (1 if tie else 2)
+
+
+def test_from_pretrained_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        TNLForCausalLM.from_pretrained(tmp_path)
+
+
+def test_deepcopy_and_pickle():
+    import copy
+    import io
+
+    model = make_model()
+    ids = torch.randint(0, 256, (1, 16))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(model)(ids), model(ids))
+        assert torch.equal(torch.load(buffer, weights_only=False)(ids), model(ids))
+
+
+def test_torch_compile_forward():
+    # aot_eager: the full dynamo + AOTAutograd trace in ~2 s; inductor also works (~15 s on CPU)
+    torch._dynamo.reset()
+    model = make_model()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
+    model.train()
+    loss = torch.nn.functional.cross_entropy(compiled(ids).flatten(0, 1), ids.flatten())
+    loss.backward()
+    assert model.layers[0].token_mixer.theta.grad is not None
+
+
+# ---- data and training -------------------------------------------------------------------------
+
+def test_byte_tokenizer_and_batches():
+    tok = data.ByteTokenizer()
+    text = "Shall I compare thee to a summer’s day?\n"
+    assert tok.decode(tok.encode(text)) == text
+    tokens = tok.encode(text * 50)
+    train, held_out = data.split(tokens, 0.1)
+    assert len(train) + len(held_out) == len(tokens) and len(held_out) == len(tokens) - int(len(tokens) * 0.9)
+    x, y = data.random_batch(train, 4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    batches = list(data.eval_batches(held_out, 2, 3, 8))
+    assert len(batches) == 2 and batches[0][0].shape == (3, 8)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, data.eval_batches(held_out, 2, 3, 8)))
+    with pytest.raises(ValueError, match="eval_fraction"):
+        data.split(tokens, 1.5)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir():
+    try:
+        data.load_corpus()
+    except data.CorpusUnavailable as e:
+        pytest.skip(f"corpus not cached and not downloadable: {e}")
+    return str(data.data_dir())
+
+
+def test_training_loss_falls_and_resumes(tmp_path, corpus_dir, no_interpreter, capsys):
+    from tnl import train
+
+    argv = ["--config", "tiny", "--out", str(tmp_path), "--steps", "60", "--batch-size", "8", "--seq-len", "64",
+            "--warmup", "10", "--eval-every", "30", "--eval-batches", "4", "--save-every", "30",
+            "--max-bytes", "300000", "--data-dir", corpus_dir, "--sample-tokens", "20", "--quiet", "--seed", "0"]
+    history = train.train(train.parse_args(argv))
+    evals = dict(history["eval"])
+    assert sorted(evals) == [0, 30, 60]
+    assert evals[0] > 0.95 * math.log(256)  # starts near uniform over bytes
+    assert evals[60] < 0.6 * evals[0], evals  # measured about 0.48 (5.56 -> 2.69)
+    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+    assert (tmp_path / "checkpoint" / "trainer.pt").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())["eval"][-1][0] == 60
+
+    resumed = train.train(train.parse_args(argv[:4] + ["--steps", "70", "--resume"] + argv[6:]))
+    assert "resumed from" in capsys.readouterr().out
+    assert [s for s, _ in resumed["train"]] == list(range(1, 71))
+    assert resumed["eval"][:3] == history["eval"] and resumed["eval"][-1][0] == 70
+
+
+def test_loss_plot(tmp_path, capsys):
+    from tnl import train
+
+    history = {"train": [(1, 5.0), (2, 4.0), (3, 3.5)], "eval": [(0, 5.5), (3, 3.6)]}
+    written = train.plot(history, tmp_path / "loss.png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not written and "matplotlib is not installed" in capsys.readouterr().out
+    else:
+        assert written and (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_argument_errors():
+    from tnl import train
+
+    with pytest.raises(ValueError, match="--seq-len"):
+        train.parse_args(["--seq-len", "0"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", "huge"])
+
+
+# ---- HF transformers (optional) ----------------------------------------------------------------
+
+def test_hf_wrappers(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import tnl.hf
+
+    cfg = tnl.hf.TNLHFConfig(**TNLConfig.preset("tiny", tie_word_embeddings=True).to_dict())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert isinstance(model, tnl.hf.TNLHFForCausalLM)
+    ids = torch.randint(0, 256, (2, 16))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 16, 256) and out.loss.item() > 0
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), tnl.hf.TNLHFConfig)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    torch.testing.assert_close(loaded.model.layers[1].token_mixer.slopes, decay_slopes(loaded.model.config, 1))
+    with pytest.raises(ValueError, match="num_heads"):
+        tnl.hf.TNLHFConfig(num_heads=3)

@@ -1,0 +1,153 @@
+"""Generation: the recurrent form of the token mixer, chunked prefill, sampling.
+
+Per layer and sequence the attention state is S [B, H, K, d] (K = d, or 2d with LRPE-d's cos and
+sin halves), kept in fp32:
+    prefill, a chunk of C tokens from position p:   o = attn_intra(chunk) + lambda^(i+1) f(q_i) S
+                                                     S <- lambda^C S + sum_i lambda^(C-1-i) f(k_i)^T v_i
+    decode, one token at position p:                 S <- lambda S + f(k)^T v ;  o = f(q) S
+f(x) = LRPE(silu(x)) at absolute positions. Only powers lambda^j with j >= 0 appear, so nothing
+overflows at any length, and a new token costs the same time and memory whatever came before.
+LRPE only depends on position differences, so the intra-chunk kernel may count from 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class TNLCache:
+    """Per-layer attention states and the position of the next token."""
+    states: list = field(default_factory=list)
+    position: int = 0
+
+    @classmethod
+    def empty(cls, num_layers: int) -> "TNLCache":
+        return cls(states=[None] * num_layers)
+
+
+def features(x, theta, positions):
+    """f(x) = silu(x), then LRPE-d [f cos(p theta), f sin(p theta)]; x [B, N, H, d], positions [N]."""
+    fx = F.silu(x.float())
+    if theta is None:
+        return fx
+    # angles in float64: positions reach 1e5 and more in long generations
+    angle = (positions.to(torch.float64)[:, None, None] * theta.detach().to(torch.float64)).float()
+    return torch.cat([fx * torch.cos(angle), fx * torch.sin(angle)], dim=-1)
+
+
+def recurrent_step(state, q, k, v, slopes, theta, position: int):
+    """One token: q, k, v [B, H, d] raw projections -> (o [B, H, d] fp32, new state).
+
+    The single place a fused decode kernel would replace."""
+    with torch.autocast(q.device.type, enabled=False):
+        pos = torch.tensor([position], device=q.device)
+        fq = features(q[:, None], theta, pos)[:, 0]
+        fk = features(k[:, None], theta, pos)[:, 0]
+        update = fk[..., :, None] * v.float()[..., None, :]
+        if state is not None:
+            update = torch.exp(-slopes.float())[None, :, None, None] * state + update
+        return torch.einsum("bhk,bhkv->bhv", fq, update), update
+
+
+def chunk_with_state(attend, q, k, v, slopes, theta, state, start: int):
+    """A chunk of C tokens at positions start.. with the state of those before it.
+
+    attend(q, k, v) is the parallel kernel over the chunk alone; the contribution of the earlier
+    tokens and the new state are computed here in PyTorch (until lightgen takes an initial state
+    and returns a final one). q, k, v [B, C, H, d] -> (o [B, C, H, d] fp32, new state)."""
+    o = attend(q, k, v)
+    with torch.autocast(q.device.type, enabled=False):
+        c = q.shape[1]
+        s = slopes.float()
+        i = torch.arange(c, device=q.device)
+        pos = start + i
+        o = o.float()
+        if state is not None:
+            fq = features(q, theta, pos)
+            into = torch.exp(-s[None, :] * (i[:, None] + 1))  # lambda^(i+1): state decayed to token i
+            o = o + torch.einsum("bchk,bhkv->bchv", fq, state) * into[None, :, :, None]
+        fk = features(k, theta, pos)
+        out = torch.exp(-s[None, :] * (c - 1 - i)[:, None])  # lambda^(C-1-i): token i decayed to the end
+        new_state = torch.einsum("bchk,ch,bchv->bhkv", fk, out, v.float())
+        if state is not None:
+            new_state = new_state + torch.exp(-s * c)[None, :, None, None] * state
+        return o, new_state
+
+
+# ---- the model-level loop --------------------------------------------------------------------
+
+@torch.no_grad()
+def prefill(model, input_ids, cache: TNLCache | None = None, chunk_size: int | None = None,
+            all_logits: bool = False):
+    """Read a prompt chunk by chunk into the cache. Returns (logits, cache): logits of the last
+    token [B, V], or of every prompt token [B, N, V] with all_logits=True."""
+    chunk_size = chunk_size or model.config.prefill_chunk_size
+    cache = cache if cache is not None else TNLCache.empty(model.config.num_layers)
+    pieces = []
+    for begin in range(0, input_ids.shape[1], chunk_size):
+        logits = model(input_ids[:, begin:begin + chunk_size], cache=cache)
+        pieces.append(logits if all_logits else logits[:, -1:])
+    logits = torch.cat(pieces, dim=1) if all_logits else pieces[-1][:, -1]
+    return logits, cache
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+    """Pick the next token per row of logits [B, V]."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens before it already hold top_p of the mass (the first stays)
+        drop = torch.cumsum(probs, dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError("input_ids: expected a LongTensor of shape [batch, length]")
+    if input_ids.shape[1] < 1:
+        raise ValueError("input_ids: the prompt needs at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 0")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: expected > 0 (use greedy=True for argmax)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r}: expected a positive int or None")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1] or None")
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
+             do_sample=None, eos_token_id=None, generator=None):
+    """Prompt [B, N] -> [B, N + new]: chunked parallel prefill, then one recurrent step per token.
+
+    greedy=True (or do_sample=False) takes the argmax; otherwise samples with temperature, top_k,
+    top_p. Rows that produced eos_token_id are padded with it; generation stops once all have."""
+    _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p)
+    if do_sample is not None:
+        greedy = not do_sample
+    logits, cache = prefill(model, input_ids)
+    tokens = [input_ids]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done |= nxt == eos_token_id
+        tokens.append(nxt[:, None])
+        if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+            break
+        logits = model(nxt[:, None], cache=cache)[:, -1]
+    return torch.cat(tokens, dim=1)

@@ -1,0 +1,153 @@
+"""TransNormerLLM layers: SRMSNorm, the GLA token mixer (lightgen attention), the SGLU channel mixer.
+
+Follows the released TransNormerLLM code where the paper and the code differ; each such choice is
+named where it is made.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightgen
+
+from .config import TNLConfig
+from .generation import chunk_with_state, recurrent_step
+
+
+class SRMSNorm(nn.Module):
+    """Simple RMSNorm: x * rsqrt(mean(x^2) + eps), no learned scale. Computed in fp32."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def extra_repr(self):
+        return f"eps={self.eps}"
+
+
+def lrpe_theta_init(heads: int, head_dim: int) -> torch.Tensor:
+    """LRPE angles: 10000^(-2i/(H*d)) for i in 0..H*d-1, as [H, d] (the released Lrpe module)."""
+    d = heads * head_dim
+    return (10000.0 ** (-2.0 / d * torch.arange(d, dtype=torch.float64))).float().reshape(heads, head_dim)
+
+
+def decay_slopes(config: TNLConfig, layer: int) -> torch.Tensor:
+    """Per-head decay rates s of one layer (lambda = exp(-s)), fp32 [H]."""
+    heads, layers = config.num_heads, config.num_layers
+    if config.slope_schedule == "released":
+        # released code: slopes * (1 - l/(L-1) + 1e-5); one layer has no l/(L-1), use factor 1
+        factor = 1.0 if layers == 1 else 1.0 - layer / (layers - 1) + 1e-5
+        rates = [s * factor for s in lightgen.tnl_slopes(heads)]
+    else:
+        # paper: lambda = exp(-8h/H * (1 - l/L)), h and l counted from 1
+        rates = [8.0 * (h + 1) / heads * (1.0 - (layer + 1) / layers) for h in range(heads)]
+    return torch.tensor(rates, dtype=torch.float32)
+
+
+_GATES = {"identity": lambda u: u, "sigmoid": torch.sigmoid, "silu": F.silu}
+
+
+class GLA(nn.Module):
+    """Gated linear attention: o = Wo (SRMSNorm(attn(silu(q), silu(k), v)) * act(u)).
+
+    One fused projection gives q, k, v, u. silu on q, k and LRPE-d run inside the lightgen kernel,
+    so raw projections go in. The output gate is u itself by default (gate_act="identity"): the
+    released TransNormerLLM code computes `output = u * output` with no activation on u.
+    The output SRMSNorm runs over the whole hidden row (all heads), as in the released code.
+    """
+
+    def __init__(self, config: TNLConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads, self.head_dim = config.num_heads, config.head_dim
+        hidden = config.hidden_size
+        self.qkvu_proj = nn.Linear(hidden, 4 * hidden, bias=False)
+        self.out_proj = nn.Linear(hidden, hidden, bias=False)
+        self.norm = SRMSNorm(config.norm_eps)
+        self.gate_act = config.gate_act
+        self.uses_lrpe = layer in config.lrpe_layers
+        self.theta = nn.Parameter(lrpe_theta_init(self.heads, self.head_dim)) if self.uses_lrpe else None
+        # fixed decay rates; rebuilt from the config, so not saved with the weights
+        self.register_buffer("slopes", decay_slopes(config, layer), persistent=False)
+        d = self.head_dim
+        self.attn = lightgen.compile(
+            f"decay=constant,causal,lrpe={'d' if self.uses_lrpe else 'none'},phi=silu,dk={d},dv={d},scale=1")
+
+    def _apply(self, fn, *args, **kwargs):
+        # .half() / .to(bfloat16) would round the decay rates (0.4% in bf16): keep them fp32
+        slopes = self.slopes
+        super()._apply(fn, *args, **kwargs)
+        self.slopes = slopes.to(self.slopes.device)
+        return self
+
+    # a compiled lightgen op holds torch.library handles, which neither pickle nor deepcopy:
+    # carry its spec text instead and compile again (a cache lookup) on the way back
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["attn"] = self.attn.variant.canonical()
+        return state
+
+    def __setstate__(self, state):
+        state["attn"] = lightgen.compile(state["attn"])
+        super().__setstate__(state)
+
+    def _attend(self, q, k, v):
+        slopes = self.slopes.float()
+        if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+            return self.attn(q, k, v, slopes=slopes, theta=self.theta)
+        # CPU without Triton's interpreter: lightgen would run its PyTorch reference here anyway,
+        # but its wrapper on that path has no working backward yet and returns a non-contiguous
+        # output that breaks torch.compile; call the same reference directly.
+        return lightgen.reference.quadratic(self.attn.variant, q, k, v, slopes, self.theta).to(v.dtype)
+
+    def forward(self, x, cache=None):
+        """x [B, N, hidden]. With a cache (generation), carry this layer's state across calls."""
+        b, n, hidden = x.shape
+        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
+        q, k, v = (t.reshape(b, n, self.heads, self.head_dim) for t in (q, k, v))
+        if cache is None:
+            o = self._attend(q, k, v)
+        elif n == 1:
+            o, cache.states[self.layer] = recurrent_step(
+                cache.states[self.layer], q[:, 0], k[:, 0], v[:, 0], self.slopes, self.theta, cache.position)
+            o = o[:, None]
+        else:
+            o, cache.states[self.layer] = chunk_with_state(
+                self._attend, q, k, v, self.slopes, self.theta, cache.states[self.layer], cache.position)
+        o = self.norm(o.reshape(b, n, hidden)) * _GATES[self.gate_act](u)
+        return self.out_proj(o.to(u.dtype))
+
+
+class SGLU(nn.Module):
+    """Simple GLU channel mixer: W3((x W1) * (x W2)), no activation."""
+
+    def __init__(self, hidden: int, glu_dim: int):
+        super().__init__()
+        self.l1 = nn.Linear(hidden, glu_dim, bias=False)
+        self.l2 = nn.Linear(hidden, glu_dim, bias=False)
+        self.l3 = nn.Linear(glu_dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.l3(self.l1(x) * self.l2(x))
+
+
+class TNLBlock(nn.Module):
+    """Pre-norm block: x + GLA(SRMSNorm(x)), then x + SGLU(SRMSNorm(x))."""
+
+    def __init__(self, config: TNLConfig, layer: int):
+        super().__init__()
+        self.token_norm = SRMSNorm(config.norm_eps)
+        self.token_mixer = GLA(config, layer)
+        self.channel_norm = SRMSNorm(config.norm_eps)
+        self.channel_mixer = SGLU(config.hidden_size, config.glu_dim)
+
+    def forward(self, x, cache=None):
+        x = x + self.token_mixer(self.token_norm(x), cache)
+        return x + self.channel_mixer(self.channel_norm(x))

@@ -1,0 +1,87 @@
+"""TNLForCausalLM: embeddings, TransNormerLLM blocks, final SRMSNorm, LM head; save / load.
+
+    model = TNLForCausalLM(TNLConfig.preset("tiny"))
+    logits = model(input_ids)                       # [B, N, vocab], parallel form (lightgen kernel)
+    loss = model.loss(input_ids, targets)           # mean cross-entropy, fp32
+    out = model.generate(input_ids, 50, top_k=20)   # recurrent decoding, see tnl.generation
+    model.save_pretrained("run"); TNLForCausalLM.from_pretrained("run")
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from . import generation
+from .config import TNLConfig
+from .layers import SRMSNorm, TNLBlock
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class TNLForCausalLM(nn.Module):
+    def __init__(self, config: TNLConfig):
+        super().__init__()
+        if not isinstance(config, TNLConfig):
+            raise TypeError(f"config: expected a TNLConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TNLBlock(config, i) for i in range(config.num_layers))
+        self.final_norm = SRMSNorm(config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self, module):
+        # the released code: every Linear and Embedding ~ N(0, init_std); LRPE theta keeps its init
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids, cache: generation.TNLCache | None = None):
+        """input_ids [B, N] -> logits [B, N, vocab]. With a cache the tokens continue the cached
+        sequence (chunked prefill for N > 1, the recurrent step for N == 1) and the cache advances."""
+        x = self.embed_tokens(input_ids) * self.embed_scale
+        for block in self.layers:
+            x = block(x, cache)
+        if cache is not None:
+            cache.position += input_ids.shape[1]
+        return self.lm_head(self.final_norm(x))
+
+    def loss(self, input_ids, targets):
+        """Mean next-token cross-entropy; targets[:, t] is the token after input_ids[:, t]."""
+        logits = self(input_ids)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        """See tnl.generation.generate."""
+        return generation.generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- save / load ---------------------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        """Write config.json and model.safetensors (tied weights are stored once)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_FILE)
+        save_model(self, str(directory / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype=None) -> "TNLForCausalLM":
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name}: not found (expected a save_pretrained folder)")
+        model = cls(TNLConfig.load(directory / CONFIG_FILE))
+        missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+        return model.to(device=device, dtype=dtype)
