@@ -24,7 +24,7 @@ _KNOWN = {
 }
 
 _TORCH_FUNCS = {"exp": torch.exp, "log": torch.log, "sin": torch.sin, "cos": torch.cos,
-                "Abs": torch.abs, "sigmoid": torch.sigmoid}
+                "Abs": torch.abs, "sign": torch.sign, "sigmoid": torch.sigmoid}
 
 
 def _evaluate(expr, value: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,11 @@ def _evaluate(expr, value: torch.Tensor) -> torch.Tensor:
         return value
     if expr.is_Number:
         return torch.full_like(value, float(expr))
+    if isinstance(expr, sympy.Piecewise):
+        out = _evaluate(expr.args[-1][0], value)
+        for value_expr, cond in reversed(expr.args[:-1]):
+            out = torch.where(_evaluate(cond, value).bool(), _evaluate(value_expr, value), out)
+        return out
     args = [_evaluate(a, value) for a in expr.args]
     name = type(expr).__name__
     if expr.is_Add:
@@ -51,11 +56,6 @@ def _evaluate(expr, value: torch.Tensor) -> torch.Tensor:
         out = args[0]
         for a in args[1:]:
             out = fn(out, a)
-        return out
-    if isinstance(expr, sympy.Piecewise):
-        out = _evaluate(expr.args[-1][0], value)
-        for value_expr, cond in reversed(expr.args[:-1]):
-            out = torch.where(_evaluate(cond, value).bool(), _evaluate(value_expr, value), out)
         return out
     if expr.is_Relational:
         ops = {">": torch.gt, ">=": torch.ge, "<": torch.lt, "<=": torch.le}

@@ -99,7 +99,7 @@ class TritonPrinter(StrPrinter):
         if name in self._functions:
             return f"{self._functions[name]}({self._print(expr.args[0])})"
         raise ValueError(f"function {name!r} has no Triton translation "
-                         f"(supported: {', '.join(sorted(self._functions))}, sigmoid, Max, Min, Piecewise, powers)")
+                         f"(supported: {', '.join(sorted(self._functions))}, sigmoid, sign, Max, Min, Piecewise, powers)")
 
     _print_Abs = _print_exp = _print_log = _print_sin = _print_cos = _print_Function
 
@@ -142,6 +142,10 @@ class TritonPrinter(StrPrinter):
 
     def _print_Min(self, expr):
         return self._minmax(expr, "tl.minimum")
+
+    def _print_sign(self, expr):
+        arg = self._print(expr.args[0])
+        return f"tl.where({arg} > 0, 1.0, tl.where({arg} < 0, -1.0, 0.0))"
 
     def _print_Heaviside(self, expr):
         return f"tl.where({self._print(expr.args[0])} > 0, 1.0, 0.0)"

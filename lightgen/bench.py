@@ -1,0 +1,169 @@
+"""Benchmark a variant against the published kernels and the HBM floor, in one process on one GPU.
+
+Contenders (each skipped with a note when not installed, never faked):
+  lightgen        the compiled variant                              layout [B, N, H, D]
+  fla             fla-core chunk_simple_gla(g_gamma=-slopes)        layout [B, N, H, D]
+  lightning_attn  OpenNLPLab lightning_attn_func(q, k, v, slopes)   layout [B, H, N, D]
+  sdpa            torch SDPA causal (FlashAttention-2 backend)      layout [B, H, N, D]
+Peers compute constant-decay causal attention with identity phi; for other variants they are a
+yardstick of the field, not the same math. Floor: bytes moved once (fwd reads q, k, v and writes o;
+bwd reads q, k, v, dO and writes dq, dk, dv) at the measured device copy bandwidth.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def copy_bandwidth(device="cuda") -> float:
+    """Device-to-device copy rate in bytes/s (read + write counted)."""
+    from triton.testing import do_bench
+
+    x = torch.empty(2**28, device=device, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=20, rep=200, return_mode="median")
+    return 2 * x.numel() * x.element_size() / (ms * 1e-3)
+
+
+def _time(fn, grad_of=None, do=None):
+    from triton.testing import do_bench
+
+    if grad_of is None:
+        with torch.no_grad():
+            return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+    def step():
+        fn().backward(do)
+    return do_bench(step, warmup=10, rep=60, return_mode="median", grad_to_none=grad_of)
+
+
+def contenders(attn, slopes, theta):
+    """name -> (function of [B,N,H,D] q, k, v returning o, whether it wants [B,H,N,D])."""
+    out = {"lightgen": (lambda q, k, v: attn(q, k, v, slopes=slopes if attn.variant.decay == "constant" else None,
+                                             theta=theta), False)}
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+        out["fla"] = (lambda q, k, v: chunk_simple_gla(q, k, v, g_gamma=-slopes, scale=1.0)[0], False)
+    except Exception as err:  # noqa: BLE001 - report any import failure as a skip
+        print(f"note: fla-core not available ({type(err).__name__}: {err}); skipped")
+    try:
+        from lightning_attn.ops import lightning_attn_func
+        out["lightning_attn"] = (lambda q, k, v: lightning_attn_func(q, k, v, slopes[:, None, None]), True)
+    except Exception as err:  # noqa: BLE001
+        print(f"note: lightning-attn not available ({type(err).__name__}: {err}); skipped")
+    out["sdpa"] = (lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), True)
+    return out
+
+
+def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384, 32768, 65536),
+        dtype=torch.bfloat16, out_dir=None, only=None) -> dict:
+    from .ops import compile as compile_variant
+    from .spec import tnl_slopes
+
+    attn = compile_variant(spec)
+    variant = attn.variant
+    if variant.dk != variant.dv:
+        raise ValueError(f"spec: the benchmark compares square heads; got dk={variant.dk}, dv={variant.dv}")
+    d = variant.dk
+    heads = hidden // d
+    bw = copy_bandwidth()
+    result = {"variant": variant.canonical(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "dtype": str(dtype), "copy_GBps": bw / 1e9, "rows": []}
+    print(f"{result['device']}: copy {bw / 1e9:.0f} GB/s; {variant.canonical()}; {tokens} tokens, H={heads}, D={d}")
+    slopes = torch.tensor(tnl_slopes(heads), device="cuda")
+    theta = (10000 ** (-2 * torch.arange(heads * d, device="cuda") / (heads * d))).view(heads, d) \
+        if variant.lrpe == "d" else None
+    for n in seqlens:
+        b = max(1, tokens // n)
+        elems = b * n * heads * d
+        nbytes = torch.finfo(dtype).bits // 8
+        floor_f = 4 * elems * nbytes / bw * 1e3
+        floor_fb = floor_f + 7 * elems * nbytes / bw * 1e3
+        row = {"N": n, "B": b, "H": heads, "D": d, "floor_fwd_ms": floor_f, "floor_fwdbwd_ms": floor_fb}
+        g = torch.Generator(device="cuda").manual_seed(0)
+        base = [torch.randn(b, n, heads, d, device="cuda", dtype=dtype, generator=g) * d ** -0.25 for _ in range(3)]
+        do = torch.randn(b, n, heads, d, device="cuda", dtype=dtype, generator=g)
+        for name, (fn, head_first) in contenders(attn, slopes, theta).items():
+            if only and name not in only:
+                continue
+            if name == "sdpa" and n > 16384:
+                row[name] = {"skipped": "quadratic; too slow at this N"}
+                continue
+            tr = (lambda t: t.transpose(1, 2).contiguous()) if head_first else (lambda t: t)
+            q, k, v = (tr(t).requires_grad_() for t in base)
+            try:
+                f = _time(lambda: fn(q, k, v))
+                fb = _time(lambda: fn(q, k, v), grad_of=[q, k, v], do=tr(do))
+                row[name] = {"fwd_ms": f, "fwdbwd_ms": fb}
+            except Exception as err:  # noqa: BLE001 - a peer failing at one shape is a result, not a crash
+                row[name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+            del q, k, v
+        result["rows"].append(row)
+        _print_row(row)
+        torch.cuda.empty_cache()
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(result, indent=1))
+        plot(result, out / "bench.png")
+    return result
+
+
+def _print_row(row):
+    cells = [f"N={row['N']:6d} B={row['B']:3d} floor {row['floor_fwd_ms']:.3f}/{row['floor_fwdbwd_ms']:.3f} ms"]
+    ours = row.get("lightgen", {})
+    for name in ("lightgen", "fla", "lightning_attn", "sdpa"):
+        r = row.get(name)
+        if not r or "fwd_ms" not in r:
+            continue
+        cell = f"{name} {r['fwd_ms']:.3f}/{r['fwdbwd_ms']:.3f} ({r['fwd_ms'] / row['floor_fwd_ms']:.2f}x/" \
+               f"{r['fwdbwd_ms'] / row['floor_fwdbwd_ms']:.2f}x floor"
+        if name != "lightgen" and "fwd_ms" in ours:
+            cell += f"; ours {r['fwd_ms'] / ours['fwd_ms']:.2f}x/{r['fwdbwd_ms'] / ours['fwdbwd_ms']:.2f}x faster"
+        cells.append(cell + ")")
+    print(" | ".join(cells), flush=True)
+
+
+def plot(result, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib not installed; no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in zip(axes, ("fwd_ms", "fwdbwd_ms"), ("forward", "forward + backward")):
+        rows = result["rows"]
+        for name in ("lightgen", "fla", "lightning_attn", "sdpa"):
+            pts = [(r["N"], r[name][key] * 1e6 / (r["B"] * r["N"])) for r in rows if key in r.get(name, {})]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        floor = "floor_fwd_ms" if key == "fwd_ms" else "floor_fwdbwd_ms"
+        ax.plot([r["N"] for r in rows], [r[floor] * 1e6 / (r["B"] * r["N"]) for r in rows], "k--", label="HBM floor")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N (tokens per batch fixed)")
+        ax.set_ylabel("ns per token")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['variant']} -- {result['device']}, {result['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("spec", nargs="?", default="decay=constant,causal,dk=128,dv=128,scale=1")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--seqlens", default="1024,2048,4096,8192,16384,32768,65536")
+    p.add_argument("--only", default="")
+    a = p.parse_args()
+    run(a.spec, seqlens=[int(s) for s in a.seqlens.split(",")], out_dir=a.out,
+        only=set(a.only.split(",")) if a.only else None)

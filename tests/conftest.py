@@ -1,0 +1,17 @@
+"""Test setup: without a GPU the kernels run under Triton's interpreter (set before any kernel import).
+
+On a CUDA machine the same tests run the compiled kernels in bf16 and fp16; on the CPU in fp32 and
+fp16 (the interpreter's bf16 tl.dot is wrong, so bf16 is tested on the GPU only).
+"""
+import os
+import tempfile
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# a fresh kernel cache per test session: tests never read files an older lightgen wrote
+os.environ.setdefault("LIGHTGEN_CACHE_DIR", tempfile.mkdtemp(prefix="lightgen-test-cache-"))
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float32, torch.float16]

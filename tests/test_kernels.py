@@ -1,0 +1,101 @@
+"""Kernels vs the float64 reference: forward and all gradients, over the variant space."""
+import itertools
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPES
+from helpers import check_variant
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lightgen
+from lightgen import reference
+
+DIMS = [(16, 16), (32, 64), (64, 32), (128, 128)]
+MATRIX = list(itertools.product(["none", "constant"], [True, False], ["none", "d"], ["identity", "silu", "elu+1"], DIMS))
+
+
+def _variant(decay, causal, lrpe, phi, dims):
+    return lightgen.Variant(decay=decay, causal=causal, lrpe=lrpe, phi=phi, dk=dims[0], dv=dims[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("decay,causal,lrpe,phi,dims", MATRIX,
+                         ids=["-".join(map(str, case)) for case in MATRIX])
+def test_matrix(decay, causal, lrpe, phi, dims, dtype):
+    # N = 45 is not a multiple of the chunk (32 on CPU, 64 on GPU): partial first chunk + full ones
+    n = 45 if DEVICE == "cpu" else 333
+    check_variant(_variant(decay, causal, lrpe, phi, dims), b=2, n=n, h=2, dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("n", [1, 7, 32, 64, 100])
+def test_sequence_lengths(n):
+    """Shorter than a chunk, exactly one, several, and a remainder."""
+    variant = lightgen.Variant.parse("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16")
+    check_variant(variant, b=1, n=n, h=3, dtype=DTYPES[0], device=DEVICE)
+
+
+def test_custom_phi_expression():
+    """A feature map written as a sympy expression: sympy derives the backward."""
+    variant = lightgen.Variant.parse("decay=constant,noncausal,phi=x**2+tanh(x),dk=32,dv=16,scale=0.5")
+    check_variant(variant, b=1, n=40, h=2, dtype=DTYPES[0], device=DEVICE)
+
+
+def test_recurrent_reference_matches_quadratic():
+    """The two reference forms agree: the ground truth is not one formula checked against itself."""
+    for spec in ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=constant,noncausal,phi=elu+1,dk=16,dv=16",
+                 "decay=none,noncausal,lrpe=d,dk=16,dv=16"]:
+        variant = lightgen.Variant.parse(spec)
+        g = torch.Generator().manual_seed(1)
+        q, k = torch.randn(2, 2, 19, 3, 16, generator=g, dtype=torch.float64)
+        v = torch.randn(2, 19, 3, variant.dv, generator=g, dtype=torch.float64)
+        slopes = torch.tensor(lightgen.tnl_slopes(3), dtype=torch.float64)
+        theta = torch.rand(3, 16, generator=g, dtype=torch.float64)
+        a = reference.quadratic(variant, q, k, v, slopes, theta)
+        b = reference.recurrent(variant, q, k, v, slopes, theta)
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+PHIS = st.sampled_from(["identity", "silu", "elu+1", "relu", "x**2", "sigmoid(x)", "1+elu(x)", "Abs(x)"])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(decay=st.sampled_from(["none", "constant"]), causal=st.booleans(), lrpe=st.sampled_from(["none", "d"]),
+       phi=PHIS, dk=st.sampled_from([16, 32, 64]), dv=st.sampled_from([16, 32, 64]),
+       b=st.integers(1, 2), n=st.integers(1, 80), h=st.integers(1, 3),
+       scale=st.one_of(st.none(), st.floats(0.05, 2.0)), seed=st.integers(0, 2**16))
+def test_random_variants(decay, causal, lrpe, phi, dk, dv, b, n, h, scale, seed):
+    variant = lightgen.Variant(decay=decay, causal=causal, lrpe=lrpe, phi=phi, dk=dk, dv=dv, scale=scale)
+    check_variant(variant, b=b, n=n, h=h, dtype=DTYPES[0], device=DEVICE, seed=seed)
+
+
+def test_non_contiguous_inputs_are_handled():
+    variant = lightgen.Variant.parse("decay=constant,causal,dk=16,dv=16")
+    attn = lightgen.compile(variant)
+    x = torch.randn(1, 3, 40, 16, device=DEVICE, dtype=DTYPES[0])  # [B, H, N, D], transposed view
+    q = k = v = x.transpose(1, 2)
+    assert not q.is_contiguous()
+    expected = attn(q.contiguous(), k.contiguous(), v.contiguous())
+    assert torch.equal(attn(q, k, v), expected)
+
+
+def test_torch_compile_fullgraph_and_opcheck():
+    attn = lightgen.compile("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16")
+    theta = torch.rand(2, 16, device=DEVICE, requires_grad=True)
+
+    def loss(q, k, v):
+        return (attn(q, k, v, theta=theta) * 2).square().mean()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    q, k, v = (torch.randn(1, 40, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    eager = loss(q, k, v)
+    eager_grads = torch.autograd.grad(eager, (q, k, v, theta))
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v, theta))
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # the registration itself: schema, fake tensor, autograd
+    op = getattr(torch.ops.lightgen, f"attn_{attn.variant.hash}")
+    log2_decay = -torch.tensor(lightgen.tnl_slopes(2), device=DEVICE) / 0.6931471805599453
+    torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), log2_decay, theta.detach()))
