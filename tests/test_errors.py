@@ -1,0 +1,109 @@
+"""Bad input gets a ValueError/TypeError that names the argument."""
+import pytest
+import torch
+from conftest import DEVICE
+
+import lightgen
+from lightgen.cli import main as cli_main
+
+SPEC = "decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32"
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("dk=16", "dv"),
+    ("dk=48,dv=16", "dk=48"),
+    ("dk=16,dv=512", "dv=512"),
+    ("decay=exp,dk=16,dv=16", "decay"),
+    ("lrpe=x,dk=16,dv=16", "lrpe"),
+    ("phi=swoosh,dk=16,dv=16", "phi"),
+    ("phi=foo(x),dk=16,dv=16", "foo"),
+    ("phi=besselj(0,x),dk=16,dv=16", "phi"),
+    ("phi=x*y,dk=16,dv=16", "phi"),
+    ("phi=x+,dk=16,dv=16", "phi"),
+    ("dk=16,dv=16,,", "stray comma"),
+    ("dk=16,dv=16,color=red", "color"),
+    ("dk=sixteen,dv=16", "dk"),
+    ("scale=-1,dk=16,dv=16", "scale"),
+    ("causal=maybe,dk=16,dv=16", "causal"),
+    ("phi=Max(x,0,dk=16,dv=16", "unbalanced"),
+    ("", "spec"),
+])
+def test_malformed_spec(spec, needle):
+    with pytest.raises(ValueError, match=None) as info:
+        lightgen.Variant.parse(spec)
+    assert needle in str(info.value)
+
+
+def test_spec_round_trip_and_hash():
+    v = lightgen.Variant.parse(" causal , decay=constant, lrpe=d ,phi=silu, dk=16, dv=32 ")
+    assert lightgen.Variant.parse(v.canonical()) == v
+    assert lightgen.Variant.parse(v.canonical()).hash == v.hash
+    # the same math under another name is the same kernel
+    assert lightgen.Variant.parse(SPEC.replace("phi=silu", "phi=x*sigmoid(x)")).hash == v.hash
+    assert lightgen.Variant.parse(SPEC.replace("causal", "noncausal")).hash != v.hash
+    assert lightgen.Variant(dk=16, dv=16).scale == 0.25
+    with pytest.raises(TypeError, match="variant"):
+        lightgen.compile(42)
+
+
+def _inputs(b=1, n=20, h=2, dk=16, dv=32, dtype=torch.float32, device=DEVICE):
+    return (torch.randn(b, n, h, dk, dtype=dtype, device=device), torch.randn(b, n, h, dk, dtype=dtype, device=device),
+            torch.randn(b, n, h, dv, dtype=dtype, device=device))
+
+
+def test_bad_tensors_name_the_argument():
+    attn = lightgen.compile(SPEC)
+    q, k, v = _inputs()
+    theta = torch.rand(2, 16, device=DEVICE)
+    cases = [
+        (lambda: attn(q.numpy() if DEVICE == "cpu" else [1], k, v, theta=theta), TypeError, "q"),
+        (lambda: attn(q[0], k, v, theta=theta), ValueError, "q"),
+        (lambda: attn(*_inputs(dk=32), theta=theta), ValueError, "q"),
+        (lambda: attn(q, k[:, :10], v, theta=theta), ValueError, "k"),
+        (lambda: attn(q, k, v[..., :16], theta=theta), ValueError, "v"),
+        (lambda: attn(q, k, v.double(), theta=theta), TypeError, "v"),
+        (lambda: attn(q.int(), k, v, theta=theta), TypeError, "q"),
+        (lambda: attn(q, k.half(), v, theta=theta), TypeError, "k"),
+        (lambda: attn(q, k, v), ValueError, "theta"),
+        (lambda: attn(q, k, v, theta=torch.rand(3, 16)), ValueError, "theta"),
+        (lambda: attn(q, k, v, theta=torch.ones(2, 16, dtype=torch.int64, device=DEVICE)), TypeError, "theta"),
+        (lambda: attn(q, k, v, theta=theta, slopes=torch.ones(5, device=DEVICE)), ValueError, "slopes"),
+        (lambda: attn(q, k, v, theta=theta, slopes=torch.ones(2, device=DEVICE, requires_grad=True)),
+         ValueError, "slopes"),
+    ]
+    if DEVICE == "cuda":
+        cases.append((lambda: attn(q, k.cpu(), v, theta=theta), ValueError, "k"))
+        cases.append((lambda: attn(q, k, v, theta=theta.cpu()), ValueError, "theta"))
+    else:
+        cases.append((lambda: attn(q, k.to("meta"), v, theta=theta), ValueError, "k"))
+        cases.append((lambda: attn(q, k, v, theta=theta.to("meta")), ValueError, "theta"))
+    for call, err, name in cases:
+        with pytest.raises(err) as info:
+            call()
+        assert str(info.value).startswith(name), f"expected the message to start with {name!r}: {info.value}"
+
+
+def test_arguments_the_variant_does_not_take():
+    plain = lightgen.compile("decay=none,causal,dk=16,dv=32")
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="^slopes"):
+        plain(q, k, v, slopes=torch.ones(2, device=DEVICE))
+    with pytest.raises(ValueError, match="^theta"):
+        plain(q, k, v, theta=torch.ones(2, 16, device=DEVICE))
+
+
+def test_empty_sequence():
+    attn = lightgen.compile("decay=constant,causal,dk=16,dv=32")
+    q, k, v = (t.requires_grad_() for t in _inputs(n=0))
+    o = attn(q, k, v)
+    assert o.shape == v.shape
+    o.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_cli_reports_bad_spec(capsys):
+    assert cli_main(["show", "dk=48,dv=16"]) == 2
+    assert "dk=48" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["build", "--help"])
+    assert "interpreter" in capsys.readouterr().out
