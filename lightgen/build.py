@@ -70,7 +70,9 @@ def ensure_source(variant: Variant) -> Path:
 
 def load(variant: Variant) -> ModuleType:
     """Import the variant's kernel module (once per process and source key)."""
-    key = source_key(variant)
+    # @triton.jit decides at import whether a function is compiled or interpreted: one module per mode
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    key = source_key(variant) + ("_interpreted" if interpreted else "")
     with _lock:
         if key not in _loaded:
             path = ensure_source(variant)
@@ -79,6 +81,5 @@ def load(variant: Variant) -> ModuleType:
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module  # Triton reads the source of jitted functions via their module
             spec.loader.exec_module(module)
-            module.INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
             _loaded[key] = module
         return _loaded[key]

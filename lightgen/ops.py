@@ -6,7 +6,7 @@ Where the kernels run:
   CUDA tensors                       the generated Triton kernels
   CPU tensors, TRITON_INTERPRET=1    the same kernels under Triton's interpreter (tests)
   CPU tensors otherwise              the PyTorch reference (lightgen.reference.quadratic), so models
-                                     built on lightgen run anywhere; it is O(N^2), not a fast path
+  (or LIGHTGEN_CPU_REFERENCE=1)      built on lightgen run anywhere; it is O(N^2), not a fast path
 """
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ class LinearAttention:
         self.variant = variant
         self._forward = _custom_ops(variant)
         self._default_slopes: dict = {}
+
+    def __reduce__(self):  # pickle / deepcopy by spec: the kernels are found again by hash
+        return compile, (self.variant.canonical(),)
 
     def __repr__(self):
         return f"lightgen.compile({self.variant.canonical()!r})"
@@ -128,7 +131,11 @@ _DOT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _use_kernels(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    # LIGHTGEN_CPU_REFERENCE=1 picks the reference on CPU even under the interpreter (fast CPU tests
+    # of models); toggling TRITON_INTERPRET itself inside a process confuses Triton's interpreter.
+    if t.is_cuda:
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LIGHTGEN_CPU_REFERENCE") != "1"
 
 
 def _launch(module, variant, kernel, q, tile_name, args):
@@ -174,7 +181,7 @@ def _slopes(log2_decay):
 def _forward_reference(variant, q, k, v, log2_decay, theta):
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = reference.quadratic(variant, q.to(work), k.to(work), v.to(work), _slopes(log2_decay), theta)
-    return o.to(v.dtype)
+    return o.to(v.dtype).contiguous()  # the fake op promises the layout of v
 
 
 def _backward_reference(variant, q, k, v, do, log2_decay, theta):
@@ -208,8 +215,7 @@ def _custom_ops(variant: Variant):
         if q.shape[1] == 0:
             dtheta = torch.zeros_like(theta) if theta is not None else q.new_empty(0)
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dtheta
-        impl = _backward_kernels if _use_kernels(q) else _backward_reference
-        return impl(variant, q, k, v, do, log2_decay, theta)
+        return _backward_kernels(variant, q, k, v, do, log2_decay, theta)
 
     fwd_op = torch.library.custom_op(name, forward, mutates_args=())
     bwd_op = torch.library.custom_op(name + "_backward", backward, mutates_args=())
@@ -228,7 +234,10 @@ def _custom_ops(variant: Variant):
 
     def autograd_backward(ctx, do):
         q, k, v, log2_decay, theta = ctx.saved_tensors
-        dq, dk, dv, dtheta = bwd_op(q, k, v, do, log2_decay, theta)
+        if _use_kernels(q):
+            dq, dk, dv, dtheta = bwd_op(q, k, v, do, log2_decay, theta)
+        else:  # the reference needs autograd, which is off below the op's dispatch: run it here
+            dq, dk, dv, dtheta = _backward_reference(variant, q, k, v, do, log2_decay, theta)
         return dq, dk, dv, None, (dtheta if theta is not None else None)
 
     fwd_op.register_autograd(autograd_backward, setup_context=setup_context)

@@ -107,3 +107,21 @@ def test_cli_reports_bad_spec(capsys):
     with pytest.raises(SystemExit):
         cli_main(["build", "--help"])
     assert "interpreter" in capsys.readouterr().out
+
+
+def test_cpu_reference_path_without_interpreter(monkeypatch):
+    """CPU tensors without TRITON_INTERPRET run the PyTorch reference, gradients included."""
+    import copy
+    import pickle
+
+    monkeypatch.setenv("LIGHTGEN_CPU_REFERENCE", "1")
+    attn = lightgen.compile(SPEC)
+    assert pickle.loads(pickle.dumps(attn)) is attn and copy.deepcopy(attn) is attn
+    q, k, v = (t.requires_grad_() for t in _inputs(device="cpu"))
+    theta = torch.rand(2, 16, requires_grad=True)
+    o = attn(q, k, v, theta=theta)
+    assert o.is_contiguous()
+    o.square().sum().backward()
+    expected = lightgen.reference.quadratic(attn.variant, q, k, v, torch.tensor(lightgen.tnl_slopes(2)), theta)
+    torch.testing.assert_close(o, expected)
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v, theta))

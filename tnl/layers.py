@@ -5,7 +5,6 @@ named where it is made.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -87,25 +86,8 @@ class GLA(nn.Module):
         self.slopes = slopes.to(self.slopes.device)
         return self
 
-    # a compiled lightgen op holds torch.library handles, which neither pickle nor deepcopy:
-    # carry its spec text instead and compile again (a cache lookup) on the way back
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["attn"] = self.attn.variant.canonical()
-        return state
-
-    def __setstate__(self, state):
-        state["attn"] = lightgen.compile(state["attn"])
-        super().__setstate__(state)
-
     def _attend(self, q, k, v):
-        slopes = self.slopes.float()
-        if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-            return self.attn(q, k, v, slopes=slopes, theta=self.theta)
-        # CPU without Triton's interpreter: lightgen would run its PyTorch reference here anyway,
-        # but its wrapper on that path has no working backward yet and returns a non-contiguous
-        # output that breaks torch.compile; call the same reference directly.
-        return lightgen.reference.quadratic(self.attn.variant, q, k, v, slopes, self.theta).to(v.dtype)
+        return self.attn(q, k, v, slopes=self.slopes.float(), theta=self.theta)
 
     def forward(self, x, cache=None):
         """x [B, N, hidden]. With a cache (generation), carry this layer's state across calls."""
