@@ -20,11 +20,18 @@ from . import build, launch, reference
 from .spec import Variant, as_variant, tnl_slopes
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# module-level names: the custom ops' schemas are read from their (string) annotations
+Tensor, MaybeTensor = torch.Tensor, Optional[torch.Tensor]
 _LN2 = math.log(2.0)
 
 
 class LinearAttention:
     """A compiled variant. Call as attn(q, k, v, slopes=None, theta=None) -> o.
+
+    attn(..., initial_state=S0, output_final_state=True, offset=t0) -> (o, S_final) for causal
+    variants: S_t = lambda S_{t-1} + f(k_t)^T v_t, o_t = scale f(q_t) S_t, states [B, H, F, dv] in fp32
+    with F = dk (2 dk under LRPE: the cos half, then the sin half); both get gradients. offset is the
+    LRPE position of the first token (chunked prefill, sequence parallelism).
 
     Layout [B, N, H, D] (batch, sequence, heads, head dim), like flash-linear-attention:
       q, k   [B, N, H, dk]        v -> o  [B, N, H, dv]        fp32, fp16 or bf16 (all the same)
@@ -53,7 +60,7 @@ class LinearAttention:
     def source(self) -> str:
         return self.source_path.read_text()
 
-    def __call__(self, q, k, v, slopes=None, theta=None):
+    def __call__(self, q, k, v, slopes=None, theta=None, initial_state=None, output_final_state=False, offset=0):
         variant = self.variant
         _check_inputs(variant, q, k, v)
         heads = q.shape[2]
@@ -77,7 +84,17 @@ class LinearAttention:
             theta = theta.to(torch.float32).contiguous()
         elif theta is not None:
             raise ValueError("theta: variant has lrpe=none, which takes no theta")
-        return self._forward(q.contiguous(), k.contiguous(), v.contiguous(), log2_decay, theta)
+        if (initial_state is not None or output_final_state) and not variant.causal:
+            raise ValueError("initial_state, output_final_state: states exist only for causal variants")
+        if initial_state is not None:
+            features = variant.dk * (2 if variant.lrpe == "d" else 1)
+            _check_param("initial_state", initial_state, (q.shape[0], heads, features, variant.dv), q.device)
+            initial_state = initial_state.to(torch.float32).contiguous()
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset: expected an int >= 0 (the position of the first token), got {offset!r}")
+        o, final_state = self._forward(q.contiguous(), k.contiguous(), v.contiguous(), log2_decay, theta,
+                                       initial_state, offset, bool(output_final_state))
+        return (o, final_state) if output_final_state else o
 
 
 _COMPILED: dict[str, LinearAttention] = {}
@@ -138,7 +155,7 @@ def _use_kernels(t: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LIGHTGEN_CPU_REFERENCE") != "1"
 
 
-def _launch(module, variant, kernel, q, tile_name, args):
+def _launch(module, variant, kernel, q, tile_name, args, offset, **flags):
     """One kernel over grid (B*H, tiles): its output's head dim ("BK": dk, "BV": dv) is tiled."""
     import triton.language as tl
 
@@ -148,51 +165,69 @@ def _launch(module, variant, kernel, q, tile_name, args):
     tiles = (variant.dk if tile_name == "BK" else variant.dv) // tile
     dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[q.dtype]
     getattr(module, kernel)[(b * h, tiles)](
-        *args, n, h, variant.scale, DK=variant.dk, DV=variant.dv, C=params["C"], DOT=dot,
+        *args, n, h, variant.scale, offset, DK=variant.dk, DV=variant.dv, C=params["C"], DOT=dot,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=params["num_warps"], num_stages=params["num_stages"], **{tile_name: tile})
+        num_warps=params["num_warps"], num_stages=params["num_stages"], **{tile_name: tile}, **flags)
 
 
-def _forward_kernels(variant, q, k, v, log2_decay, theta):
+def _state_like(variant, q):
+    features = variant.dk * (2 if variant.lrpe == "d" else 1)
+    return torch.empty(q.shape[0], q.shape[2], features, variant.dv, device=q.device, dtype=torch.float32)
+
+
+def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final):
     module = build.load(variant)
     o = torch.empty_like(v)
-    _launch(module, variant, "fwd", q, "BV", (q, k, v, o, log2_decay, theta))
-    return o
+    ht = _state_like(variant, q) if final else None
+    _launch(module, variant, "fwd", q, "BV", (q, k, v, o, h0, ht, log2_decay, theta), offset,
+            HAS_INIT=h0 is not None, HAS_FINAL=final)
+    return o, ht
 
 
-def _backward_kernels(variant, q, k, v, do, log2_decay, theta):
+def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, offset):
     module = build.load(variant)
     b, n, h, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lrpe = variant.lrpe == "d"
     dth_q = torch.empty(b * h, variant.dk, device=q.device, dtype=torch.float32) if lrpe else None
     dth_k = torch.empty_like(dth_q) if lrpe else None
-    _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, log2_decay, theta))
-    _launch(module, variant, "bwd_dk", q, "BK", (q, k, v, do, dk, dth_k, log2_decay, theta))
-    _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, log2_decay, theta))
-    dtheta = (dth_q + dth_k).view(b, h, variant.dk).sum(0) if lrpe else q.new_empty(0)
-    return dq, dk, dv, dtheta
+    dh0 = _state_like(variant, q) if h0 is not None else None
+    _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, h0, log2_decay, theta), offset,
+            HAS_INIT=h0 is not None)
+    _launch(module, variant, "bwd_dk", q, "BK", (q, k, v, do, dk, dth_k, dht, log2_decay, theta), offset,
+            HAS_INIT=dht is not None)
+    _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log2_decay, theta), offset,
+            HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
+    dtheta = (dth_q + dth_k).view(b, h, variant.dk).sum(0) if lrpe else None
+    return dq, dk, dv, dtheta, dh0
 
 
 def _slopes(log2_decay):
     return None if log2_decay is None else log2_decay * -_LN2
 
 
-def _forward_reference(variant, q, k, v, log2_decay, theta):
+def _reference(variant, q, k, v, log2_decay, theta, h0, offset, final):
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    o = reference.quadratic(variant, q.to(work), k.to(work), v.to(work), _slopes(log2_decay), theta)
-    return o.to(v.dtype).contiguous()  # the fake op promises the layout of v
+    out = reference.quadratic(variant, q.to(work), k.to(work), v.to(work), _slopes(log2_decay), theta,
+                              h0, offset, final)
+    o, ht = out if final else (out, None)
+    return o.to(v.dtype).contiguous(), ht  # the fake op promises the layout of v
 
 
-def _backward_reference(variant, q, k, v, do, log2_decay, theta):
-    work = torch.float32
-    leaves = [t.detach().to(work).requires_grad_() for t in (q, k, v)]
-    th = theta.detach().requires_grad_() if theta is not None else None
+def _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, offset):
+    """Gradients of the reference by autograd (runs at the autograd level, not inside the op)."""
+    inputs = [q, k, v, theta, h0]
+    leaves = [None if t is None else t.detach().to(torch.float32).requires_grad_() for t in inputs]
     with torch.enable_grad():
-        o = reference.quadratic(variant, *leaves, _slopes(log2_decay), th)
-        grads = torch.autograd.grad(o, leaves + ([th] if th is not None else []), do.to(work))
-    dq, dk, dv = (g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
-    return dq, dk, dv, (grads[3] if th is not None else q.new_empty(0))
+        o, ht = _reference(variant, *leaves[:3], log2_decay, leaves[3], leaves[4], offset, dht is not None)
+        outputs, grads_out = [o], [do.to(o.dtype)]
+        if dht is not None:
+            outputs.append(ht)
+            grads_out.append(dht)
+        wanted = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(outputs, wanted, grads_out, allow_unused=True))
+    result = [None if t is None else next(grads) for t in leaves]
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(result, inputs))
 
 
 def _custom_ops(variant: Variant):
@@ -201,44 +236,58 @@ def _custom_ops(variant: Variant):
         return _OPS[variant.hash]
     name = f"lightgen::attn_{variant.hash}"
 
-    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                log2_decay: Optional[torch.Tensor], theta: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(q: Tensor, k: Tensor, v: Tensor, log2_decay: MaybeTensor, theta: MaybeTensor,
+                initial_state: MaybeTensor, offset: int, output_final_state: bool) -> tuple[Tensor, Tensor]:
         if q.shape[1] == 0:
-            return torch.zeros_like(v)
-        impl = _forward_kernels if _use_kernels(q) else _forward_reference
-        return impl(variant, q, k, v, log2_decay, theta)
+            o = torch.zeros_like(v)
+            ht = _state_like(variant, q).zero_() if initial_state is None else initial_state.clone()
+        else:
+            impl = _forward_kernels if _use_kernels(q) else _reference
+            o, ht = impl(variant, q, k, v, log2_decay, theta, initial_state, offset, output_final_state)
+        # custom ops return tensors: an empty one stands for "no final state asked for"
+        return o, (ht if output_final_state else q.new_empty(0))
 
-    def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
-                 log2_decay: Optional[torch.Tensor], theta: Optional[torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        do = do.contiguous()
-        if q.shape[1] == 0:
-            dtheta = torch.zeros_like(theta) if theta is not None else q.new_empty(0)
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dtheta
-        return _backward_kernels(variant, q, k, v, do, log2_decay, theta)
+    def backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, log2_decay: MaybeTensor, theta: MaybeTensor,
+                 initial_state: MaybeTensor, dht: MaybeTensor, offset: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        dq, dk, dv, dtheta, dh0 = _backward_kernels(variant, q, k, v, do.contiguous(), log2_decay, theta,
+                                                    initial_state, dht, offset)
+        # outputs may not alias each other: a fresh empty tensor for each absent gradient
+        return (dq, dk, dv, q.new_empty(0) if dtheta is None else dtheta, q.new_empty(0) if dh0 is None else dh0)
 
     fwd_op = torch.library.custom_op(name, forward, mutates_args=())
     bwd_op = torch.library.custom_op(name + "_backward", backward, mutates_args=())
 
     @fwd_op.register_fake
-    def _(q, k, v, log2_decay, theta):
-        return torch.empty_like(v)
+    def _(q, k, v, log2_decay, theta, initial_state, offset, output_final_state):
+        return torch.empty_like(v), (_state_like(variant, q) if output_final_state else q.new_empty(0))
 
     @bwd_op.register_fake
-    def _(q, k, v, do, log2_decay, theta):
-        dtheta = torch.empty_like(theta) if theta is not None else q.new_empty(0)
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dtheta
+    def _(q, k, v, do, log2_decay, theta, initial_state, dht, offset):
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                torch.empty_like(theta) if theta is not None else q.new_empty(0),
+                torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0))
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        q, k, v, log2_decay, theta, initial_state, offset, output_final_state = inputs
+        ctx.save_for_backward(q, k, v, log2_decay, theta, initial_state)
+        ctx.offset, ctx.final = offset, output_final_state
 
-    def autograd_backward(ctx, do):
-        q, k, v, log2_decay, theta = ctx.saved_tensors
-        if _use_kernels(q):
-            dq, dk, dv, dtheta = bwd_op(q, k, v, do, log2_decay, theta)
+    def autograd_backward(ctx, do, dht):
+        q, k, v, log2_decay, theta, h0 = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], variant.dv, dtype=v.dtype, device=v.device)
+        dht = dht.to(torch.float32).contiguous() if (ctx.final and dht is not None) else None
+        if q.shape[1] == 0:
+            grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                     None if theta is None else torch.zeros_like(theta), None if h0 is None else dht)
+        elif _use_kernels(q):
+            grads = bwd_op(q, k, v, do, log2_decay, theta, h0, dht, ctx.offset)
         else:  # the reference needs autograd, which is off below the op's dispatch: run it here
-            dq, dk, dv, dtheta = _backward_reference(variant, q, k, v, do, log2_decay, theta)
-        return dq, dk, dv, None, (dtheta if theta is not None else None)
+            grads = _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, ctx.offset)
+        dq, dk, dv, dtheta, dh0 = grads
+        return (dq, dk, dv, None, dtheta if theta is not None else None,
+                dh0 if h0 is not None else None, None, None)
 
     fwd_op.register_autograd(autograd_backward, setup_context=setup_context)
     _OPS[variant.hash] = fwd_op

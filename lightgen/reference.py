@@ -6,6 +6,8 @@ All functions take the public layout q, k [B, N, H, dk], v [B, N, H, dv] and ret
 
     quadratic  o = (scale f(q) f(k)^T  *  W) v            W[t, s] = lambda^|t-s| (masked s <= t if causal)
     recurrent  S_t = lambda S_{t-1} + f(k_t)^T v_t ;  o_t = scale f(q_t) S_t   (and a reverse scan if non-causal)
+Causal forms take an initial state S_{-1} and return the final state S_{N-1} on request; `offset` is
+the LRPE position of the first token.
 """
 from __future__ import annotations
 
@@ -69,13 +71,14 @@ def phi(variant: Variant, x: torch.Tensor) -> torch.Tensor:
     return _evaluate(feature_map(variant.phi), x)
 
 
-def features(variant: Variant, x: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
-    """f(x): phi, then LRPE-d [phi(x) cos(t theta), phi(x) sin(t theta)] on the last dim."""
+def features(variant: Variant, x: torch.Tensor, theta: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """f(x): phi, then LRPE-d [phi(x) cos(t theta), phi(x) sin(t theta)] on the last dim (t = offset + index)."""
     fx = phi(variant, x)
     if variant.lrpe == "none":
         return fx
     n = x.shape[1]
-    angle = torch.arange(n, device=x.device, dtype=theta.dtype)[:, None, None] * theta  # [N, H, dk]
+    t = torch.arange(offset, offset + n, device=x.device, dtype=theta.dtype)
+    angle = t[:, None, None] * theta  # [N, H, dk]
     return torch.cat([fx * torch.cos(angle), fx * torch.sin(angle)], dim=-1)
 
 
@@ -92,29 +95,51 @@ def decay_weights(variant: Variant, n: int, slopes: torch.Tensor | None, dtype, 
     return w
 
 
-def quadratic(variant, q, k, v, slopes=None, theta=None) -> torch.Tensor:
+def _decay_rates(variant, slopes, heads, dtype, device):
+    if variant.decay == "constant":
+        return torch.exp(-slopes.to(device=device, dtype=dtype))
+    return torch.ones(heads, dtype=dtype, device=device)
+
+
+def quadratic(variant, q, k, v, slopes=None, theta=None, initial_state=None, offset=0, output_final_state=False):
+    """o (and the final state [B, H, F, dv] if asked), F = dk, or 2 dk under LRPE.
+
+    With states (causal only): S_t = lambda S_{t-1} + f(k_t)^T v_t from S_{-1} = initial_state,
+    o_t = scale f(q_t) S_t, final state S_{N-1}.
+    """
     variant = as_variant(variant)
-    fq = features(variant, q, theta) * variant.scale
-    fk = features(variant, k, theta)
+    fq = features(variant, q, theta, offset) * variant.scale
+    fk = features(variant, k, theta, offset)
     scores = torch.einsum("bthd,bshd->bhts", fq, fk)
     w = decay_weights(variant, q.shape[1], slopes, scores.dtype, q.device)
-    return torch.einsum("bhts,bshd->bthd", scores * w, v.to(scores.dtype))
+    o = torch.einsum("bhts,bshd->bthd", scores * w, v.to(scores.dtype))
+    if initial_state is None and not output_final_state:
+        return o
+    n, heads = q.shape[1], q.shape[2]
+    lam = _decay_rates(variant, slopes, heads, fq.dtype, q.device)
+    t = torch.arange(n, device=q.device, dtype=fq.dtype)
+    if initial_state is not None:
+        s0 = initial_state.to(fq.dtype)
+        o = o + torch.einsum("bthf,bhfv->bthv", fq * lam[None, None, :, None] ** (t[None, :, None, None] + 1), s0)
+    if not output_final_state:
+        return o
+    to_end = lam[None, None, :, None] ** (n - 1 - t[None, :, None, None])
+    final = torch.einsum("bshf,bshv->bhfv", fk * to_end, v.to(fq.dtype))
+    if initial_state is not None:
+        final = final + lam[None, :, None, None] ** n * initial_state.to(fq.dtype)
+    return o, final
 
 
-def recurrent(variant, q, k, v, slopes=None, theta=None) -> torch.Tensor:
-    """Token-by-token scans with a [H, dk, dv] state per sequence (slow; for tests)."""
+def recurrent(variant, q, k, v, slopes=None, theta=None, initial_state=None, offset=0, output_final_state=False):
+    """Token-by-token scans with a [H, F, dv] state per sequence (slow; for tests)."""
     variant = as_variant(variant)
-    fq = features(variant, q, theta) * variant.scale
-    fk = features(variant, k, theta)
+    fq = features(variant, q, theta, offset) * variant.scale
+    fk = features(variant, k, theta, offset)
     v = v.to(fq.dtype)
     b, n, h, _ = fq.shape
-    lam = torch.ones(h, dtype=fq.dtype, device=q.device)
-    if variant.decay == "constant":
-        lam = torch.exp(-slopes.to(device=q.device, dtype=fq.dtype))
-    lam = lam[None, :, None, None]
+    lam = _decay_rates(variant, slopes, h, fq.dtype, q.device)[None, :, None, None]
 
-    def scan(order, inclusive):
-        state = fq.new_zeros(b, h, fq.shape[-1], v.shape[-1])
+    def scan(order, inclusive, state):
         out = []
         for t in order:
             update = torch.einsum("bhk,bhv->bhkv", fk[:, t], v[:, t])
@@ -124,9 +149,14 @@ def recurrent(variant, q, k, v, slopes=None, theta=None) -> torch.Tensor:
             else:  # the state holds tokens strictly after t, decayed to t
                 out.append(torch.einsum("bhk,bhkv->bhv", fq[:, t], lam * state))
                 state = lam * state + update
-        return out
+        return out, state
 
-    o = torch.stack(scan(range(n), inclusive=True), dim=1)
+    state = fq.new_zeros(b, h, fq.shape[-1], v.shape[-1])
+    if initial_state is not None:
+        state = initial_state.to(fq.dtype)
+    out, final = scan(range(n), True, state)
+    o = torch.stack(out, dim=1) if out else fq.new_zeros(b, 0, h, v.shape[-1])
     if not variant.causal:
-        o = o + torch.stack(scan(range(n - 1, -1, -1), inclusive=False)[::-1], dim=1)
-    return o
+        back, _ = scan(range(n - 1, -1, -1), False, torch.zeros_like(state))
+        o = o + torch.stack(back[::-1], dim=1)
+    return (o, final) if output_final_state else o

@@ -66,9 +66,19 @@ def render(variant: Variant, templates: Path | None = None) -> str:
         lines.append(f"tl.store(offs, {value}.to({tensor}.dtype.element_ty), mask=mask[:, None])")
         return lines
 
+    def state_ptrs(base, b, c, spec):
+        """Pointers to the block of a [F, DV] fp32 state that the walk's S_b_c holds (F = dk per feature part)."""
+        feature = b if spec["side"] == "b" else c
+        part = feats["parts"].index(feature.split("_", 1)[1])
+        rows = f"({part} * DK + {spec['feat_cols']})" if part else spec["feat_cols"]
+        if spec["side"] == "b":
+            return f"{base} + {rows}[:, None] * DV + {spec['v_cols']}[None, :]"
+        return f"{base} + {rows}[None, :] * DV + {spec['v_cols']}[:, None]"
+
     return env.get_template(MAIN_TEMPLATE).render(
         variant=variant, key=source_key(variant, templates), version=__version__, feats=feats,
         decay=variant.decay != "none", lrpe=lrpe,
+        state_rows="2 * DK" if lrpe else "DK", state_ptrs=state_ptrs,
         parts=parts, features=features, scaled=scaled, masked=masked, chain=chain, store=store,
         zip_parts=lambda a, b: list(zip(parts(a), parts(b))),
         decay_weight=lambda ld, dist: decay_code(variant, ld, dist),

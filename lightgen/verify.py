@@ -31,22 +31,45 @@ def random_inputs(variant, b, n, h, dtype, device, seed=0):
     return cast(q), cast(k), cast(v), cast(do), place(slopes), place(theta)
 
 
-def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0) -> dict[str, float]:
-    """Relative errors of o, dq, dk, dv (and dtheta under LRPE) against the float64 reference."""
+def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, states=False, offset=0
+            ) -> dict[str, float]:
+    """Relative errors of o, dq, dk, dv (dtheta under LRPE) against the float64 reference.
+
+    states=True also hands in a random initial state and asks for the final state, compares it
+    (ht) and the initial state's gradient (dh0), with the loss seeing the final state too.
+    """
     attn = compile_variant(variant)
     variant = attn.variant
     q, k, v, do, slopes, theta = random_inputs(variant, b, n, h, dtype, device, seed)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    th = theta.clone().requires_grad_() if theta is not None else None
-    o = attn(*leaves, slopes=slopes, theta=th)
+    h0 = dht = None
+    if states:
+        g = torch.Generator().manual_seed(seed + 1)
+        features = variant.dk * (2 if variant.lrpe == "d" else 1)
+        h0 = (torch.randn(b, h, features, variant.dv, generator=g) * 0.3).to(device)
+        dht = torch.randn(b, h, features, variant.dv, generator=g).to(device)
+
+    def run(fn, cast, q, k, v, theta, h0, slopes):
+        leaves = [cast(t).requires_grad_() for t in (q, k, v)]
+        extra = [None if t is None else t.to(leaves[0].dtype if cast is torch.Tensor.double else torch.float32)
+                 .clone().requires_grad_() for t in (theta, h0)]
+        out = fn(*leaves, slopes, extra[0], initial_state=extra[1], output_final_state=states, offset=offset)
+        o, ht = out if states else (out, None)
+        outputs, grads_out = [o], [cast(do)]
+        if states:
+            outputs.append(ht)
+            grads_out.append(dht.to(ht.dtype))
+        wrt = leaves + [t for t in extra if t is not None]
+        return [o, ht], torch.autograd.grad(outputs, wrt, grads_out)
+
+    (o, ht), grads = run(attn, lambda t: t.clone(), q, k, v, theta, h0, slopes)
     if o.dtype != v.dtype or o.shape != v.shape:
         raise AssertionError(f"output {o.dtype} {tuple(o.shape)}, expected {v.dtype} {tuple(v.shape)}")
-    grads = torch.autograd.grad(o, leaves + ([th] if th is not None else []), do)
-
-    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_th = theta.double().requires_grad_() if theta is not None else None
     ref_slopes = slopes.double() if slopes is not None else None
-    ref_o = reference.quadratic(variant, *ref_leaves, ref_slopes, ref_th)
-    ref_grads = torch.autograd.grad(ref_o, ref_leaves + ([ref_th] if ref_th is not None else []), do.double())
-    names = ["o", "dq", "dk", "dv", "dtheta"]
-    return {name: rel_err(a, e) for name, a, e in zip(names, [o, *grads], [ref_o, *ref_grads])}
+    (ref_o, ref_ht), ref_grads = run(lambda *a, **kw: reference.quadratic(variant, *a, **kw), torch.Tensor.double,
+                                     q, k, v, theta, h0, ref_slopes)
+    names = ["dq", "dk", "dv"] + (["dtheta"] if theta is not None else []) + (["dh0"] if states else [])
+    errors = {"o": rel_err(o, ref_o)}
+    if states:
+        errors["ht"] = rel_err(ht, ref_ht)
+    errors.update({name: rel_err(a, e) for name, a, e in zip(names, grads, ref_grads)})
+    return errors

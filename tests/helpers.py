@@ -5,9 +5,9 @@ import os
 from lightgen.verify import TOLERANCE, compare
 
 
-def check_variant(variant, b, n, h, dtype, device, seed=0, tol=None):
+def check_variant(variant, b, n, h, dtype, device, seed=0, tol=None, states=False, offset=0):
     """Forward and every input gradient vs the float64 reference; returns the relative errors."""
-    errors = compare(variant, b=b, n=n, h=h, dtype=dtype, device=device, seed=seed)
+    errors = compare(variant, b=b, n=n, h=h, dtype=dtype, device=device, seed=seed, states=states, offset=offset)
     if os.environ.get("LIGHTGEN_ERROR_LOG"):  # for reporting the worst error per dtype (GPU runs)
         with open(os.environ["LIGHTGEN_ERROR_LOG"], "a") as f:
             f.write(json.dumps({"variant": str(variant), "n": n, "dtype": str(dtype), **errors}) + "\n")

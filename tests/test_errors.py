@@ -125,3 +125,19 @@ def test_cpu_reference_path_without_interpreter(monkeypatch):
     expected = lightgen.reference.quadratic(attn.variant, q, k, v, torch.tensor(lightgen.tnl_slopes(2)), theta)
     torch.testing.assert_close(o, expected)
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v, theta))
+
+
+def test_bad_states_name_the_argument():
+    attn = lightgen.compile(SPEC)
+    q, k, v = _inputs()
+    theta = torch.rand(2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="^initial_state"):
+        attn(q, k, v, theta=theta, initial_state=torch.zeros(1, 2, 16, 32, device=DEVICE))  # LRPE: F = 2 dk
+    with pytest.raises(TypeError, match="^initial_state"):
+        attn(q, k, v, theta=theta, initial_state=torch.zeros(1, 2, 32, 32, dtype=torch.int32, device=DEVICE))
+    for offset in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="^offset"):
+            attn(q, k, v, theta=theta, offset=offset)
+    noncausal = lightgen.compile("decay=constant,noncausal,dk=16,dv=32")
+    with pytest.raises(ValueError, match="^initial_state, output_final_state"):
+        noncausal(q, k, v, output_final_state=True)

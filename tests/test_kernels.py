@@ -35,6 +35,32 @@ def test_sequence_lengths(n):
     check_variant(variant, b=1, n=n, h=3, dtype=DTYPES[0], device=DEVICE)
 
 
+STATE_CASES = ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=constant,causal,phi=elu+1,dk=64,dv=16",
+               "decay=none,causal,lrpe=d,dk=32,dv=32", "decay=none,causal,phi=relu,dk=128,dv=64"]
+
+
+@pytest.mark.parametrize("spec", STATE_CASES)
+@pytest.mark.parametrize("n", [1, 45, 64])
+def test_states(spec, n):
+    """initial_state in, final state out, gradients through both (and theta), LRPE offset."""
+    check_variant(lightgen.Variant.parse(spec), b=2, n=n, h=2, dtype=DTYPES[0], device=DEVICE, states=True, offset=5)
+
+
+def test_state_passing_equals_one_call():
+    """Chunked prefill: two calls handing the state over equal one call over the whole sequence."""
+    attn = lightgen.compile("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 70, 2, 16, generator=g).to(DEVICE, DTYPES[0]) for _ in range(3))
+    theta = torch.rand(2, 16, generator=g).to(DEVICE)
+    whole, final = attn(q, k, v, theta=theta, output_final_state=True)
+    first, state = attn(q[:, :33], k[:, :33], v[:, :33], theta=theta, output_final_state=True)
+    second, state = attn(q[:, 33:], k[:, 33:], v[:, 33:], theta=theta, initial_state=state,
+                         output_final_state=True, offset=33)
+    tol = 1e-5 if DTYPES[0] == torch.float32 else 1e-2
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=tol, atol=tol)
+    torch.testing.assert_close(state, final, rtol=tol, atol=tol)
+
+
 def test_custom_phi_expression():
     """A feature map written as a sympy expression: sympy derives the backward."""
     variant = lightgen.Variant.parse("decay=constant,noncausal,phi=x**2+tanh(x),dk=32,dv=16,scale=0.5")
@@ -98,4 +124,6 @@ def test_torch_compile_fullgraph_and_opcheck():
     # the registration itself: schema, fake tensor, autograd
     op = getattr(torch.ops.lightgen, f"attn_{attn.variant.hash}")
     log2_decay = -torch.tensor(lightgen.tnl_slopes(2), device=DEVICE) / 0.6931471805599453
-    torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), log2_decay, theta.detach()))
+    torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), log2_decay, theta.detach(), None, 0, False))
+    h0 = torch.randn(1, 2, 32, 16, device=DEVICE)
+    torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), log2_decay, theta.detach(), h0, 7, True))
