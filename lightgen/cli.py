@@ -1,10 +1,11 @@
-"""Command line: lightgen build | show | cache ...   (`lightgen COMMAND --help` for each)."""
+"""Command line: lightgen build | show | tune | bench | cache ...   (`lightgen COMMAND --help` for each)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
+BENCH_NAMES = ("lightgen", "fla", "lightning_attn", "sdpa")
 SPEC_HELP = ("variant spec, e.g. 'decay=constant,causal,lrpe=d,phi=silu,dk=128,dv=128' "
              "(keys: decay=none|constant, causal|noncausal, lrpe=none|d, phi=NAME|EXPR, dk, dv, scale)")
 TNL_SPEC = "decay=constant,causal,lrpe=d,phi=silu,dk=128,dv=128,scale=1"
@@ -60,6 +61,96 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    """'1024,8k,64K' -> (1024, 8192, 65536)."""
+    values = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        scale = 1024 if item.endswith("k") else 1
+        try:
+            value = int(item.removesuffix("k")) * scale
+        except ValueError:
+            raise ValueError(f"{what}: {item!r} is not an integer (e.g. 1024,8k,64k)") from None
+        if value < 1:
+            raise ValueError(f"{what}: {item!r} must be positive")
+        values.append(value)
+    return tuple(values)
+
+
+def _no_cuda(command: str) -> ValueError:
+    return ValueError(f"{command}: no CUDA device is available; it measures GPU kernels"
+                      + (" (--device cpu runs a dry run under Triton's interpreter)" if command == "tune" else ""))
+
+
+def cmd_tune(args) -> int:
+    import torch
+
+    from . import configs, tune
+    from .spec import Variant
+
+    variant = Variant.parse(args.spec)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else None
+    if device != "cpu":
+        if not torch.cuda.is_available():
+            raise _no_cuda("tune")
+        count = torch.cuda.device_count()
+        if args.gpu != "auto" and not (args.gpu.isdigit() and int(args.gpu) < count):
+            raise ValueError(f"--gpu {args.gpu}: expected auto or a device index below {count}")
+        device = "cuda" if args.gpu == "auto" else f"cuda:{args.gpu}"
+    dry = device == "cpu"  # the trial worker runs the interpreter: tiny shapes, timings only exercise the pipeline
+    if args.commit and dry:
+        raise ValueError("--commit: dry-run timings on the CPU are not worth shipping")
+    try:
+        tune._import_optuna()  # fail before any work, with the install hint
+    except ImportError as err:
+        raise ValueError(str(err)) from None
+    seqlens = _ints(args.seqlens, "--seqlens") if args.seqlens else ((32, 64) if dry else tune.SEQLENS)
+    dtypes = tuple(args.dtypes.split(",")) if args.dtypes else (("fp32",) if dry else ("bf16", "fp16"))
+    kernels = tuple(args.kernels.split(",")) if args.kernels else tune.KERNELS
+    tokens = args.tokens or (128 if dry else 65536)
+    hidden = args.hidden or (2 * max(variant.dk, variant.dv) if dry else 2048)
+    directory = configs.shipped_dir() if args.commit else None
+    results = tune.tune(variant, seqlens=seqlens, dtypes=dtypes, kernels=kernels, device=device, tokens=tokens,
+                        hidden=hidden, trials=args.trials or (3 if dry else 40), time_budget_s=args.time_budget,
+                        storage=args.storage, directory=directory, seed=args.seed, trial_timeout_s=args.trial_timeout)
+    print(f"{'kernel':7s} {'dtype':5s} {'N':>6s} {'default ms':>10s} {'best ms':>9s} {'speedup':>7s}  trials  params")
+    for r in results:
+        head = f"{r['kernel']:7s} {r['dtype']:5s} {r['n']:6d}"
+        if "ms" not in r:
+            print(f"{head}  {r['error']}")
+            continue
+        base = f"{r['default_ms']:10.4f}" if r["default_ms"] else f"{'-':>10s}"
+        gain = f"{r['default_ms'] / r['ms']:6.2f}x" if r["default_ms"] else f"{'-':>7s}"
+        tried = f"{r['trials']} ({r['failed']} failed, {r['wrong']} wrong)"
+        print(f"{head} {base} {r['ms']:9.4f} {gain}  {tried}  {r['params']}")
+    store = directory or configs.user_dir()
+    print(f"{sum(r['recorded'] for r in results)} new or faster entries recorded in {store}")
+    if len(results) < len(seqlens) * len(dtypes) * len(kernels):
+        print("time budget reached before every study ran: run the same command again to resume")
+    return 0 if all("ms" in r for r in results) else 1
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import bench
+    from .spec import Variant
+
+    Variant.parse(args.spec)  # a bad spec is an error before anything else
+    if not torch.cuda.is_available():
+        raise _no_cuda("bench")
+    only = set(args.only.split(",")) if args.only else None
+    unknown = (only or set()) - set(BENCH_NAMES)
+    if unknown:
+        raise ValueError(f"--only: unknown {', '.join(sorted(unknown))} (choose from {', '.join(BENCH_NAMES)})")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    bench.run(args.spec, tokens=args.tokens, hidden=args.hidden, seqlens=_ints(args.seqlens, "--seqlens"),
+              dtype=dtype, out_dir=args.out, only=only)
+    return 0
+
+
 def cmd_cache(args) -> int:
     from . import configs
 
@@ -100,6 +191,48 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("spec", help=SPEC_HELP)
     s.add_argument("--path", action="store_true", help="print only the file's path")
     s.set_defaults(fn=cmd_show)
+
+    t = sub.add_parser("tune", help="search launch configs on the GPU (Optuna) and record the fastest",
+                       description="Tune the launch configs (chunk C, head-dim tile, num_warps, num_stages) of the "
+                                   "variant's four kernels (fwd, bwd_dq, bwd_dk, bwd_dv) per dtype and sequence "
+                                   "length with Optuna; each trial runs in a child process and must match the "
+                                   "default config's output. The fastest config per key is recorded in the user "
+                                   "store (--commit: the repo's tuned_configs/). Interrupted runs resume from the "
+                                   "study journal. Needs: pip install 'lightgen[tune]'.")
+    t.add_argument("spec", help=SPEC_HELP)
+    t.add_argument("--gpu", default="auto", help="CUDA device index (default: the current device)")
+    t.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="cpu: a dry run under Triton's interpreter with tiny shapes (checks the pipeline, not speed)")
+    t.add_argument("--seqlens", help="comma-separated sequence lengths, e.g. 1k,8k,64k "
+                                     "(default 1k..64k in powers of two; 32,64 on the CPU)")
+    t.add_argument("--dtypes", help="comma-separated: fp32, fp16, bf16 (default bf16,fp16; fp32 on the CPU)")
+    t.add_argument("--kernels", help="comma-separated subset of fwd,bwd_dq,bwd_dk,bwd_dv (default: all)")
+    t.add_argument("--tokens", type=int, help="B*N per measurement (default 65536; 128 on the CPU)")
+    t.add_argument("--hidden", type=int, help="H*D per measurement (default 2048; 2*D on the CPU)")
+    t.add_argument("--trials", type=int,
+                   help="finished trials per study, counting resumed ones (default 40; 3 on the CPU)")
+    t.add_argument("--time-budget", type=float, default=4 * 3600.0, metavar="S",
+                   help="wall-clock seconds for this run (default 14400); run again to resume")
+    t.add_argument("--trial-timeout", type=float, default=300.0, metavar="S",
+                   help="a trial running longer is killed and failed (default 300)")
+    t.add_argument("--storage", metavar="PATH",
+                   help="Optuna journal file (default ~/.cache/lightgen/tune/studies.journal)")
+    t.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default 0)")
+    t.add_argument("--commit", action="store_true",
+                   help="record into the repo's tuned_configs/ (to commit) instead of the user store")
+    t.set_defaults(fn=cmd_tune)
+
+    r = sub.add_parser("bench", help="time the variant against peers and the HBM floor on the GPU",
+                       description="Benchmark forward and forward+backward against fla, lightning-attn and SDPA "
+                                   "(when installed) and the bytes-moved-once floor; B*N = --tokens, H*D = --hidden.")
+    r.add_argument("spec", help=SPEC_HELP)
+    r.add_argument("--out", metavar="DIR", help="write bench.json and bench.png there")
+    r.add_argument("--seqlens", default="1k,2k,4k,8k,16k,32k,64k", help="comma-separated (default 1k..64k)")
+    r.add_argument("--only", help=f"comma-separated subset of {','.join(BENCH_NAMES)}")
+    r.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    r.add_argument("--tokens", type=int, default=65536)
+    r.add_argument("--hidden", type=int, default=2048)
+    r.set_defaults(fn=cmd_bench)
 
     c = sub.add_parser("cache", help="tuned launch configs: list | export FILE | import FILE | merge A B",
                        description="Share tuned launch configs: list them, export to a file, import a file "

@@ -3,10 +3,28 @@
 Parameters: C (chunk length), BK / BV (head-dim tile of the output), num_warps, num_stages.
 N is never a compile-time constant: a new sequence length picks a tuned entry by N bucket and
 reuses the compiled kernel.
+
+Order of precedence in params():
+  1. an override (`with launch.override(p): ...`), used by the tuner to time one config;
+  2. under Triton's interpreter (CPU tensors): the heuristic, nothing is looked up;
+  3. on a CUDA device: configs.lookup (nearest N bucket) when it has a sane entry;
+  4. else the heuristic, with a LaunchConfigWarning once per (variant, kernel, dtype, device).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import warnings
+
 import torch
+
+from . import configs
+
+PARAM_NAMES = ("C", "BK", "BV", "num_warps", "num_stages")
+
+
+class LaunchConfigWarning(UserWarning):
+    """No usable tuned config for a launch: lightgen runs with its heuristic default."""
 
 
 def heuristic(variant, kernel: str, interpreted: bool) -> dict:
@@ -20,5 +38,85 @@ def heuristic(variant, kernel: str, interpreted: bool) -> dict:
     return {"C": chunk, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 2}
 
 
+# ---- override (the tuner times one config through the normal launch path) --------------------
+
+_override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lightgen_launch_override", default=None)
+
+
+@contextlib.contextmanager
+def override(params: dict):
+    """Within the block, every launch uses `params` (missing names: the heuristic's) and nothing is
+    looked up. Context-local, so other threads and tasks are unaffected."""
+    token = _override.set(dict(params))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+# ---- validation of tuned entries -------------------------------------------------------------
+
+def _power_of_two(x) -> bool:
+    return type(x) is int and x > 0 and x & (x - 1) == 0  # type(): bool is an int subclass
+
+
+def problem(p: dict, variant) -> str | None:
+    """Why a params dict cannot be launched for this variant, or None when it is sane."""
+    missing = [name for name in PARAM_NAMES if name not in p]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for name in ("C", "BK", "BV", "num_warps"):
+        if not _power_of_two(p[name]):
+            return f"{name}={p[name]!r} is not a power of two"
+    if p["C"] < 16:
+        return f"C={p['C']} < 16 (tl.dot needs 16)"
+    if variant.dk % p["BK"]:
+        return f"BK={p['BK']} does not divide dk={variant.dk}"
+    if variant.dv % p["BV"]:
+        return f"BV={p['BV']} does not divide dv={variant.dv}"
+    if type(p["num_stages"]) is not int or not 1 <= p["num_stages"] <= 8:
+        return f"num_stages={p['num_stages']!r} is not an int in 1..8"
+    return None
+
+
+# ---- lookup --------------------------------------------------------------------------------
+
+# (variant, kernel, dtype, device) -> the configs.lookup arguments but n: the hot path costs one
+# dict lookup here plus configs' stat check (variant.hash and the device's arch are not free)
+_keys: dict[tuple, tuple] = {}
+_warned: set[tuple] = set()
+
+
+def _lookup_args(variant, kernel, dtype, device) -> tuple:
+    key = (variant, kernel, dtype, device)
+    args = _keys.get(key)
+    if args is None:
+        arch, gpu = configs.current_arch(device)
+        args = (arch, gpu, configs.triton_version(), variant.hash, kernel, variant.dk, variant.dv, dtype)
+        _keys[key] = args
+    return args
+
+
 def params(variant, kernel: str, dtype: torch.dtype, n: int, device: torch.device) -> dict:
-    return heuristic(variant, kernel, interpreted=device.type != "cuda")
+    forced = _override.get()
+    if forced is not None:
+        return {**heuristic(variant, kernel, interpreted=device.type != "cuda"), **forced}
+    if device.type != "cuda":
+        return heuristic(variant, kernel, interpreted=True)
+    args = _lookup_args(variant, kernel, dtype, device)
+    tuned = configs.lookup(*args, n)
+    why = "missing" if tuned is None else problem(tuned, variant)
+    if why is None:
+        return tuned
+    warned = (why == "missing", variant, kernel, dtype, device)
+    if warned not in _warned:  # the message is built only once: this runs on every launch
+        _warned.add(warned)
+        gpu, triton, name = args[1], args[2], configs.dtype_name(dtype)
+        if tuned is None:
+            message = (f"lightgen: no tuned launch config for {kernel} of {variant} ({name}, {gpu}, Triton {triton}); "
+                       f"using the heuristic default, which may be slow. Tune with: lightgen tune '{variant}'")
+        else:
+            message = (f"lightgen: the tuned launch config for {kernel} of {variant} ({name}, N~{n}, {gpu}) is "
+                       f"invalid ({why}: {tuned}); using the heuristic default. Re-tune: lightgen tune '{variant}'")
+        warnings.warn(message, LaunchConfigWarning, stacklevel=3)  # points at the caller of params()
+    return heuristic(variant, kernel, interpreted=False)

@@ -1,0 +1,485 @@
+"""Optuna search over the kernels' launch space, measured on the GPU (`lightgen tune SPEC`).
+
+One study per (kernel, dtype, sequence length): kernel is one of fwd, bwd_dq, bwd_dk, bwd_dv, and the
+space is the chunk C, the output tile (BV for fwd and bwd_dv, BK for bwd_dq and bwd_dk), num_warps
+and num_stages. A trial times ONE kernel launch (median of triton.testing.do_bench) on inputs of
+B = tokens // N sequences and H = hidden // D heads. The best config per study goes to the
+tuned-config store (lightgen.configs.record), where launch.params finds it at call time.
+
+Safety: every trial runs in a child process (_Worker), because a bad config can crash the process or
+poison its CUDA context (an illegal memory access makes every later CUDA call fail), and each trial's
+outputs are compared with those of the heuristic default (Triton 3.6 on H100 silently miscompiles
+some configs). A crashed, hung or wrong trial is recorded as FAIL with the reason in its user_attrs
+("error") and never chosen. The heuristic default is always trial 0, so a result is never slower
+than the default as measured.
+
+Resuming: studies live in an Optuna journal file (default ~/.cache/lightgen/tune/studies.journal),
+named by their key, so an interrupted tune continues where it stopped; `trials` bounds the finished
+trials per study across runs. Run one tuner per journal file at a time.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import configs, launch
+from .spec import as_variant
+
+KERNELS = ("fwd", "bwd_dq", "bwd_dk", "bwd_dv")
+TILE = {"fwd": "BV", "bwd_dq": "BK", "bwd_dk": "BK", "bwd_dv": "BV"}  # the head dim each kernel's grid tiles
+SEQLENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+CHUNKS, TILES, WARPS, STAGES = (32, 64, 128), (16, 32, 64, 128), (2, 4, 8), (1, 2, 3, 4)
+# largest relative error (Frobenius) of a trial's outputs against the default config's: configs only
+# reorder fp32 sums, a miscompile is off by O(1) or leaves NaN (outputs are NaN-filled before a run)
+AGREE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2}
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STARTUP_TIMEOUT_S = 300.0  # a fresh worker importing torch and Triton; compiling the default config
+
+
+def default_storage() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lightgen" / "tune" / "studies.journal"
+
+
+def _import_optuna():
+    try:
+        import optuna
+    except ImportError as err:
+        raise ImportError("lightgen tune needs Optuna: pip install 'lightgen[tune]'") from err
+    return optuna
+
+
+def _journal(optuna, path: Path):
+    """JournalStorage on a file: JournalFileBackend (Optuna >= 4) or JournalFileStorage (3.x)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from optuna.storages.journal import JournalFileBackend as Backend
+    except ImportError:
+        from optuna.storages import JournalFileStorage as Backend
+    return optuna.storages.JournalStorage(Backend(str(path)))
+
+
+def space(optuna, variant, kernel: str, default: dict) -> dict:
+    """Categorical distributions of the tunable params (the default's values always included)."""
+    dim = variant.dk if TILE[kernel] == "BK" else variant.dv
+    tiles = [t for t in (*TILES, dim) if t <= dim and dim % t == 0]
+    choices = {"C": CHUNKS, TILE[kernel]: tiles, "num_warps": WARPS, "num_stages": STAGES}
+    cat = optuna.distributions.CategoricalDistribution
+    return {name: cat(sorted(set(values) | {default[name]})) for name, values in choices.items()}
+
+
+# ---- the parent: one study per (dtype, N, kernel) ---------------------------------------------
+
+def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=2048, trials=40,
+         time_budget_s=4 * 3600.0, storage=None, out_dir=None, directory=None, kernels=KERNELS,
+         device="cuda", seed=0, trial_timeout_s=300.0, progress=True) -> list[dict]:
+    """Tune every (kernel, dtype, N) of a variant; record the best configs; return one dict per study.
+
+    trials: finished trials per study (across resumed runs); time_budget_s: wall clock of this call
+    (the trial in flight finishes; the rest is left for a later call). storage: the journal file,
+    else out_dir/studies.journal, else default_storage(). directory: where results are recorded
+    (default: the user store; configs.shipped_dir() to commit them). device="cpu": a dry run under
+    Triton's interpreter (timings are meaningless; use tiny tokens/hidden).
+    """
+    optuna = _import_optuna()
+    variant = as_variant(spec)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("tune: no CUDA device is available (device='cpu' runs a dry run under Triton's interpreter)")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"tune: device must be cuda or cpu, got {device}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the worker pins this one
+    dtypes = [configs.dtype_name(d) for d in dtypes]
+    for d in dtypes:
+        if d not in _TORCH_DTYPES:
+            raise ValueError(f"tune: dtype {d!r}: expected fp32, fp16 or bf16")
+        if d == "bf16" and device.type == "cpu":
+            raise ValueError("tune: bf16 under Triton's interpreter computes wrong dots; dry-run with fp32 or fp16")
+    for k in kernels:
+        if k not in KERNELS:
+            raise ValueError(f"tune: kernel {k!r}: expected one of {', '.join(KERNELS)}")
+    if not seqlens or any(type(n) is not int or n < 1 for n in seqlens):
+        raise ValueError(f"tune: seqlens must be positive ints, got {seqlens!r}")
+    if type(trials) is not int or trials < 1:
+        raise ValueError(f"tune: trials must be an int >= 1, got {trials!r}")
+
+    arch, gpu = configs.current_arch(device)
+    env = dict(arch=arch, gpu=gpu, triton=configs.triton_version(), device=str(device),
+               heads=max(1, hidden // max(variant.dk, variant.dv)), tokens=tokens, trials=trials, seed=seed,
+               interpreted=device.type != "cuda", directory=directory, deadline=time.monotonic() + time_budget_s)
+    path = Path(storage) if storage else Path(out_dir) / "studies.journal" if out_dir else default_storage()
+    studies = [(d, n, k) for d in dtypes for n in seqlens for k in kernels]  # inputs are shared per (d, n)
+
+    from tqdm.auto import tqdm
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would drown the bar
+    results = []
+    worker = _Worker(str(device), trial_timeout_s)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # journal storage on 3.x
+            store = _journal(optuna, path)
+        with tqdm(total=len(studies), desc="tune", unit="study", disable=not progress) as bar:
+            for dtype, n, kernel in studies:
+                if time.monotonic() >= env["deadline"]:
+                    bar.write(f"time budget reached: {len(studies) - len(results)} studies left; "
+                              f"run again to resume (journal {path})")
+                    break
+                bar.set_description(f"tune {kernel} {dtype} N={n}")
+                result = _tune_study(optuna, store, worker, variant, kernel, dtype, n, env, bar)
+                results.append(result)
+                bar.update()
+    finally:
+        worker.stop()
+        optuna.logging.set_verbosity(verbosity)
+    return results
+
+
+def _study_name(key: configs.ConfigKey, n: int, b: int, h: int) -> str:
+    return (f"{key.variant}:{key.kernel}:{key.dtype}:N{n}:B{b}:H{h}:dk{key.dk}:dv{key.dv}:"
+            f"{key.arch}:{key.gpu}:triton{key.triton}")
+
+
+def _tune_study(optuna, store, worker, variant, kernel, dtype, n, env, bar) -> dict:
+    from optuna.trial import TrialState
+
+    b = max(1, env["tokens"] // n)
+    key = configs.ConfigKey(env["arch"], env["gpu"], env["triton"], variant.hash, kernel, variant.dk, variant.dv,
+                            dtype, configs.n_bucket(n))
+    default = launch.heuristic(variant, kernel, interpreted=env["interpreted"])
+    dists = space(optuna, variant, kernel, default)
+    mine = {name: default[name] for name in dists}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate TPE on 3.x
+        sampler = optuna.samplers.TPESampler(seed=env["seed"], multivariate=True)
+    study = optuna.create_study(study_name=_study_name(key, n, b, env["heads"]), storage=store, sampler=sampler,
+                                direction="minimize", load_if_exists=True)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)  # left running by an interrupted tune (see module doc)
+    if not any(t.params == mine for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                       TrialState.WAITING))):
+        study.enqueue_trial(mine)  # the heuristic default: the baseline to beat, and trial 0
+    result = {"key": key, "kernel": kernel, "dtype": dtype, "n": n, "default": default, "recorded": False}
+
+    request = dict(spec=variant.canonical(), kernel=kernel, dtype=dtype, n=n, b=b, h=env["heads"],
+                   default=default, params=None)
+    finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+    if len(study.get_trials(deepcopy=False, states=finished)) < env["trials"]:
+        # inputs, captured launches and the default's outputs (compiles: more time than a trial)
+        reply = worker.run(request, max(worker.timeout_s, STARTUP_TIMEOUT_S))
+        if "error" in reply:
+            result["error"] = f"the default config {default} failed: {reply['error']}"
+            bar.write(f"{kernel} {dtype} N={n}: {result['error']}; skipped")
+            return result
+    # the same params measured before (the sampler repeats itself in small spaces): reuse the outcome
+    seen = {_frozen(t.params): t for t in study.get_trials(deepcopy=False, states=finished)}
+    while (len(study.get_trials(deepcopy=False, states=finished)) < env["trials"]
+           and time.monotonic() < env["deadline"]):
+        trial = study.ask(dists)
+        before = seen.get(_frozen(trial.params))
+        if before is not None:
+            for name, value in before.user_attrs.items():
+                trial.set_user_attr(name, value)
+            study.tell(trial, before.value if before.state == TrialState.COMPLETE else None,
+                       state=before.state if before.state != TrialState.COMPLETE else None)
+        else:
+            reply = worker.run({**request, "params": {**default, **trial.params}})
+            if "ms" in reply:
+                trial.set_user_attr("rel_err", reply["rel_err"])
+                study.tell(trial, reply["ms"])
+            else:
+                trial.set_user_attr("error", reply["error"])
+                study.tell(trial, state=TrialState.FAIL)
+            seen[_frozen(trial.params)] = study.get_trials(deepcopy=False)[trial.number]
+        _postfix(bar, study, mine)
+    return _summarise(study, key, default, mine, env, result)
+
+
+def _frozen(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+def _default_ms(study, mine):
+    from optuna.trial import TrialState
+
+    return next((t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if t.params == mine), None)
+
+
+def _postfix(bar, study, mine) -> None:
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if done:
+        best, base = min(t.value for t in done), _default_ms(study, mine)
+        bar.set_postfix_str(f"best {best:.4f} ms" + (f" ({base / best:.2f}x default)" if base else ""))
+
+
+def _summarise(study, key, default, mine, env, result) -> dict:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    result.update(trials=len([t for t in trials if t.state != TrialState.WAITING]), failed=len(failed),
+                  wrong=sum("wrong result" in t.user_attrs.get("error", "") for t in failed),
+                  default_ms=_default_ms(study, mine))
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not done:
+        result["error"] = "no trial completed"
+        return result
+    best = min(done, key=lambda t: t.value)
+    result.update(params={**default, **best.params}, ms=best.value)
+    result["recorded"] = configs.record(key, result["params"], best.value, result["trials"], directory=env["directory"])
+    return result
+
+
+# ---- the worker process ---------------------------------------------------------------------------
+
+class _Worker:
+    """A child process that runs trials, started on demand and replaced when a trial kills it, hangs
+    (killed after timeout_s), poisons its CUDA context or computes wrong results (the child exits).
+    A config that merely fails to compile or to fit in shared memory keeps the worker."""
+
+    def __init__(self, device: str, timeout_s: float):
+        self.device, self.timeout_s = device, timeout_s
+        self.proc = self.conn = None
+
+    def run(self, request: dict, timeout_s: float | None = None) -> dict:
+        """The child's reply: {"ms", "rel_err"} for a good trial, {} for a prepare, or {"error"}."""
+        timeout_s = timeout_s or self.timeout_s
+        if self.proc is None:
+            self._start()
+        try:
+            self.conn.send(request)
+            if not self.conn.poll(timeout_s):
+                self.stop(kill=True)
+                return {"error": f"timed out after {timeout_s:g} s (worker killed)"}
+            reply = self.conn.recv()
+        except (EOFError, OSError):
+            return {"error": f"worker process died (exit code {self.stop()})"}
+        if reply.pop("fatal", False):
+            self.stop()
+        return reply
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # fork would inherit the parent's CUDA state
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker_main, args=(child, self.device), name="lightgen-tune-worker")
+        proc.start()
+        child.close()
+        self.proc, self.conn = proc, conn
+        try:
+            ready = self.conn.poll(STARTUP_TIMEOUT_S) and self.conn.recv()
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            raise RuntimeError(f"tune: the trial worker process did not start (exit code {self.stop(kill=True)})")
+
+    def stop(self, kill: bool = False):
+        """End the child (it exits when the pipe closes); returns its exit code."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        self.conn.close()
+        if not kill:
+            proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        return proc.exitcode
+
+
+def _worker_main(conn, device: str) -> None:
+    """Child: serve requests until the pipe closes or a failure leaves its CUDA context unusable."""
+    # the interpreter is chosen when kernel modules are imported, which happens only below
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ.pop("LIGHTGEN_CPU_REFERENCE", None)  # the reference path launches no kernels
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+        torch.cuda.set_device(torch.device(device))
+    conn.send({"ready": True})
+    cases: dict = {}
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply = _serve(request, cases, torch.device(device))
+        except Exception as err:  # noqa: BLE001 - any failure of a config is a result
+            reply = {"error": f"{type(err).__name__}: {str(err).strip()[:500]}", "fatal": not _healthy(device)}
+        conn.send(reply)
+        if reply.get("fatal"):
+            return
+
+
+def _healthy(device: str) -> bool:
+    """False when the CUDA context is poisoned (e.g. after an illegal memory access)."""
+    if device == "cpu":
+        return True
+    try:
+        torch.cuda.synchronize()
+        return torch.ones(1, device=device).add(1).item() == 2
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _serve(request: dict, cases: dict, device: torch.device) -> dict:
+    case_key = tuple(request[k] for k in ("spec", "dtype", "n", "b", "h"))
+    if case_key not in cases:
+        cases.clear()  # one case at a time: inputs at N=64K are big
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        cases[case_key] = _Case(*case_key, device)
+    kernel = cases[case_key].kernel(request["kernel"], request["default"])
+    params = request["params"]
+    if params is None:
+        return {}
+    _inject_fault(params, request["default"], kernel)
+    err = kernel.error(params)
+    tol = AGREE[request["dtype"]]
+    if not err < tol:  # NaN fails too. Fatal: a miscompiled kernel may also have written out of bounds
+        return {"error": f"wrong result: relative error {err:.2e} against the default config (limit {tol:g})",
+                "fatal": True}
+    return {"ms": kernel.time_ms(params), "rel_err": err}
+
+
+def _inject_fault(params: dict, default: dict, kernel: "_Kernel") -> None:
+    """Test hook, LIGHTGEN_TUNE_FAULT=exit|raise|hang|wrong: every trial but the default's misbehaves
+    the way a bad config can (the process dies, the launch raises, the kernel never finishes, or it
+    writes nothing: its outputs stay NaN)."""
+    mode = os.environ.get("LIGHTGEN_TUNE_FAULT")
+    if not mode or params == default:
+        return
+    if mode == "exit":
+        os._exit(70)
+    if mode == "hang":
+        time.sleep(3600)
+    if mode == "wrong":
+        kernel.launch = lambda: None  # harmless to later trials: a wrong result ends this worker
+        return
+    raise RuntimeError(f"injected fault (LIGHTGEN_TUNE_FAULT={mode})")
+
+
+class _Case:
+    """Random inputs of one (variant, dtype, B, N, H) and the launches of one forward + backward."""
+
+    def __init__(self, spec, dtype, n, b, h, device):
+        from . import ops
+        from .spec import tnl_slopes
+
+        self.attn = ops.compile(spec)
+        variant = self.attn.variant
+        self.device = device
+        g = torch.Generator(device=device).manual_seed(0)
+        dt = _TORCH_DTYPES[dtype]
+
+        def randn(d, scale=1.0):
+            return (torch.randn(b, n, h, d, device=device, generator=g) * scale).to(dt)
+
+        self.q, self.k = randn(variant.dk, variant.dk ** -0.25), randn(variant.dk, variant.dk ** -0.25)
+        self.v, self.do = randn(variant.dv), randn(variant.dv)
+        self.slopes = torch.tensor(tnl_slopes(h), device=device) if variant.decay == "constant" else None
+        self.theta = torch.rand(h, variant.dk, device=device, generator=g) * 0.5 if variant.lrpe == "d" else None
+        self.launches = self._capture()
+        self.kernels: dict = {}
+
+    def _capture(self) -> dict:
+        """kernel name -> (args, kwargs) of its ops._launch call in one forward + backward. Replaying
+        these calls keeps how ops builds a kernel's arguments in one place: ops."""
+        from . import ops
+
+        calls = {}
+        real = ops._launch
+        ops._launch = lambda *a, **kw: calls.setdefault(a[2], (a, kw))  # a[2]: the kernel's name
+        try:
+            leaves = [t.detach().requires_grad_() for t in (self.q, self.k, self.v)]
+            extra = {"slopes": self.slopes} if self.slopes is not None else {}
+            self.attn(*leaves, theta=self.theta, **extra).backward(self.do)
+        finally:
+            ops._launch = real
+        missing = [k for k in KERNELS if k not in calls]
+        if missing:
+            raise RuntimeError(f"no launch of {', '.join(missing)} seen in a forward + backward "
+                               f"(is LIGHTGEN_CPU_REFERENCE set?)")
+        return calls
+
+    def kernel(self, name: str, default: dict) -> "_Kernel":
+        if name not in self.kernels:
+            self.kernels.clear()  # keep one set of reference outputs
+            args, kwargs = self.launches[name]
+            self.kernels[name] = _Kernel(args, kwargs, default, (self.q, self.k, self.v, self.do), self.device)
+        return self.kernels[name]
+
+
+class _Kernel:
+    """One captured launch: which tensors it writes, the default config's outputs, trials against them."""
+
+    def __init__(self, args, kwargs, default, inputs, device):
+        from . import ops
+
+        self.launch = lambda: ops._launch(*args, **kwargs)
+        self.default, self.device = default, device
+        known = {t.data_ptr() for t in inputs}
+        candidates = [t for t in (*_tensors(args), *_tensors(kwargs.values()))
+                      if t.is_floating_point() and t.data_ptr() not in known]
+        self.outputs = [t for t in candidates if self._writes(t)]
+        if not self.outputs:
+            raise RuntimeError("the default config wrote none of the kernel's tensor arguments")
+        self._run(default)
+        self.reference = [t.clone() for t in self.outputs]
+
+    def _run(self, params) -> None:
+        with launch.override(params):
+            self.launch()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _writes(self, t) -> bool:
+        """Fill with NaN, run the default config: an output comes back overwritten, an input is restored."""
+        keep = t.clone()
+        t.fill_(math.nan)
+        self._run(self.default)
+        if torch.isnan(t).any():
+            t.copy_(keep)
+            return False
+        return True
+
+    def error(self, params) -> float:
+        """Largest relative error of the outputs against the default's (NaN-filled first: unwritten fails)."""
+        for t in self.outputs:
+            t.fill_(math.nan)
+        self._run(params)
+        errs = [((t.float() - r.float()).norm() / r.float().norm().clamp_min(1e-30)).item()
+                for t, r in zip(self.outputs, self.reference)]
+        return math.nan if any(math.isnan(e) for e in errs) else max(errs)
+
+    def time_ms(self, params) -> float:
+        with launch.override(params):
+            if self.device.type == "cuda":
+                from triton.testing import do_bench
+                return do_bench(self.launch, warmup=25, rep=100, return_mode="median")
+            times = []  # the interpreter (dry run): wall clock, only to exercise the pipeline
+            for _ in range(3):
+                start = time.perf_counter()
+                self.launch()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times) * 1e3
+
+
+def _tensors(values):
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (tuple, list)):
+            yield from _tensors(v)

@@ -1,0 +1,256 @@
+"""Launch-config lookup (lightgen.launch) and the tuner (lightgen.tune), on the CPU.
+
+The tuner tests are dry runs under Triton's interpreter with tiny shapes: they check the pipeline
+(child-process trials, failure handling, journal resume, recording), not speed.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+
+from lightgen import configs, launch
+from lightgen.cli import main as cli_main
+from lightgen.launch import LaunchConfigWarning
+from lightgen.spec import Variant
+
+GPU = "NVIDIA H100 80GB HBM3"
+VARIANT = Variant.parse("decay=constant,causal,dk=64,dv=32")
+CUDA0 = torch.device("cuda", 0)  # constructible without a GPU: launch.params only looks at it
+TUNED = {"C": 128, "BK": 32, "BV": 16, "num_warps": 8, "num_stages": 3}
+SPEC = "decay=constant,causal,dk=16,dv=16,scale=1"  # the smallest kernels: fast in the interpreter
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """Private user and shipped stores, an H100 as the 'current' GPU, and launch's caches emptied."""
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setenv("LIGHTGEN_TUNED_DIR", str(user))
+    monkeypatch.setattr(configs, "shipped_dir", lambda: shipped)
+    monkeypatch.setattr(configs, "current_arch", lambda device=None: ("sm90", GPU))
+    monkeypatch.setattr(launch, "_keys", {})
+    monkeypatch.setattr(launch, "_warned", set())
+    return user
+
+
+def record(params, n=4096, kernel="fwd", dtype="bf16", variant=VARIANT):
+    key = configs.ConfigKey("sm90", GPU, configs.triton_version(), variant.hash, kernel, variant.dk, variant.dv,
+                            dtype, n)
+    configs.record(key, params, 1.0, 10)
+
+
+def params(n, kernel="fwd", dtype=torch.bfloat16, device=CUDA0):
+    return launch.params(VARIANT, kernel, dtype, n, device)
+
+
+def count_warnings(fn):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [w for w in seen if issubclass(w.category, LaunchConfigWarning)]
+
+
+# ---- launch.params ------------------------------------------------------------------------------
+
+def test_tuned_hit_and_nearest_bucket(store):
+    record(TUNED, n=4096)
+    record({**TUNED, "C": 32}, n=65536)
+    (hit, near_small, near_big), seen = count_warnings(lambda: (params(4096), params(1000), params(40000)))
+    assert hit == near_small == TUNED  # 1000 -> bucket 1024, nearest tuned bucket 4096
+    assert near_big["C"] == 32  # 40000 -> bucket 65536
+    assert not seen
+    with pytest.warns(LaunchConfigWarning):  # another key
+        assert params(4096, dtype=torch.float16) == launch.heuristic(VARIANT, "fwd", interpreted=False)
+
+
+def test_miss_warns_once_and_uses_the_heuristic(store):
+    first, seen = count_warnings(lambda: [params(n) for n in (1024, 2048, 1024)])
+    assert all(p == launch.heuristic(VARIANT, "fwd", interpreted=False) for p in first)
+    assert len(seen) == 1
+    assert "heuristic default" in str(seen[0].message) and "lightgen tune" in str(seen[0].message)
+    # another kernel or dtype is another key: one more warning each; the same key stays quiet
+    _, seen = count_warnings(lambda: [params(1024, "bwd_dq"), params(1024, dtype=torch.float16), params(4096)])
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("entry, why", [
+    ({k: v for k, v in TUNED.items() if k != "num_stages"}, "missing num_stages"),
+    ({**TUNED, "C": 96}, "C=96"),
+    ({**TUNED, "C": 8}, "C=8"),
+    ({**TUNED, "BK": 128}, "BK=128"),  # does not divide dk=64
+    ({**TUNED, "BV": 64}, "BV=64"),  # larger than dv=32
+    ({**TUNED, "num_warps": 3}, "num_warps=3"),
+    ({**TUNED, "num_stages": 0}, "num_stages=0"),
+    ({**TUNED, "BV": True}, "BV=True"),
+])
+def test_invalid_entry_warns_and_falls_back(store, entry, why):
+    record(entry)
+    result, seen = count_warnings(lambda: [params(4096), params(4096)])
+    assert result == [launch.heuristic(VARIANT, "fwd", interpreted=False)] * 2
+    assert len(seen) == 1 and "invalid" in str(seen[0].message) and why in str(seen[0].message)
+
+
+def test_interpreter_never_looks_up(store, monkeypatch):
+    monkeypatch.setattr(configs, "lookup", lambda *a: pytest.fail("looked up on the CPU"))
+    result, seen = count_warnings(lambda: params(4096, device=torch.device("cpu")))
+    assert result == launch.heuristic(VARIANT, "fwd", interpreted=True) and not seen
+
+
+def test_override_is_scoped_and_merges_over_the_heuristic(store, monkeypatch):
+    record(TUNED)
+    with launch.override({"C": 64, "num_warps": 2}):
+        forced = params(4096)
+        with launch.override(TUNED):
+            assert params(4096, device=torch.device("cpu")) == TUNED  # the interpreter path too
+        assert params(4096) == forced
+    assert forced == {**launch.heuristic(VARIANT, "fwd", interpreted=False), "C": 64, "num_warps": 2}
+    assert params(4096) == TUNED  # back to the lookup
+
+
+# ---- the tuner (dry runs under the interpreter) -------------------------------------------------
+
+@pytest.fixture
+def optuna():
+    return pytest.importorskip("optuna")
+
+
+def trials_of(optuna, path, kernel="fwd", n=32):
+    from lightgen import tune
+
+    storage = tune._journal(optuna, path)
+    name = next(s.study_name for s in optuna.get_all_study_summaries(storage)
+                if f":{kernel}:" in s.study_name and f":N{n}:" in s.study_name)
+    return optuna.load_study(study_name=name, storage=storage).trials
+
+
+def dry_run(tmp_path, **kw):
+    from lightgen import tune
+
+    args = dict(seqlens=(32, 64), dtypes=("fp32",), tokens=64, hidden=32, trials=3, device="cpu",
+                out_dir=tmp_path / "tune", directory=tmp_path / "store", progress=False)
+    return tune.tune(SPEC, **{**args, **kw})
+
+
+def test_dry_run_records_and_resumes(tmp_path, optuna, monkeypatch):
+    from lightgen import tune
+
+    results = dry_run(tmp_path)
+    assert len(results) == 8  # 4 kernels x 2 seqlens x 1 dtype
+    variant = Variant.parse(SPEC)
+    for r in results:
+        assert "error" not in r, r
+        assert r["trials"] == 3 and r["ms"] <= r["default_ms"]
+        assert launch.problem(r["params"], variant) is None
+    stored = {(k.kernel, k.n_bucket): v for k, v in configs.entries(tmp_path / "store")}
+    assert set(stored) == {(k, n) for k in tune.KERNELS for n in (32, 64)}
+    assert all(v["trials"] == 3 for v in stored.values())
+    first = trials_of(optuna, tmp_path / "tune" / "studies.journal")
+    assert first[0].params == {k: launch.heuristic(variant, "fwd", True)[k] for k in first[0].params}  # trial 0
+
+    # the budget is spent: a second call starts no worker and adds no trial
+    monkeypatch.setattr(tune._Worker, "_start", lambda self: pytest.fail("started a worker"))
+    again = dry_run(tmp_path)
+    assert [(r["params"], r["ms"]) for r in again] == [(r["params"], r["ms"]) for r in results]
+    assert len(trials_of(optuna, tmp_path / "tune" / "studies.journal")) == 3
+    monkeypatch.undo()
+
+    dry_run(tmp_path, trials=4, kernels=("fwd",), seqlens=(32,))  # a larger budget resumes: one more trial
+    assert [t.number for t in trials_of(optuna, tmp_path / "tune" / "studies.journal")] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("fault, reason", [("exit", "worker process died (exit code 70)"),
+                                           ("raise", "injected fault"), ("wrong", "wrong result")])
+def test_failing_trials_are_recorded_as_failed(tmp_path, optuna, monkeypatch, fault, reason):
+    monkeypatch.setenv("LIGHTGEN_TUNE_FAULT", fault)  # every trial but the default misbehaves
+    (result,) = dry_run(tmp_path, seqlens=(32,), kernels=("fwd",), trials=3)
+    default = launch.heuristic(Variant.parse(SPEC), "fwd", interpreted=True)
+    assert result["params"] == default and result["ms"] == result["default_ms"]
+    trials = trials_of(optuna, tmp_path / "tune" / "studies.journal")
+    assert len(trials) == 3
+    for t in trials:
+        if {**default, **t.params} == default:
+            assert t.state == optuna.trial.TrialState.COMPLETE
+        else:
+            assert t.state == optuna.trial.TrialState.FAIL and reason in t.user_attrs["error"]
+    assert result["failed"] == sum(t.state == optuna.trial.TrialState.FAIL for t in trials) >= 1
+    assert result["wrong"] == (result["failed"] if fault == "wrong" else 0)
+
+
+def test_trial_outputs_are_checked_against_the_default():
+    from conftest import DEVICE
+
+    from lightgen import tune
+
+    case = tune._Case(SPEC, "fp32", 40, 2, 2, torch.device(DEVICE))
+    default = launch.heuristic(case.attn.variant, "bwd_dq", interpreted=DEVICE == "cpu")
+    kernel = case.kernel("bwd_dq", default)
+    assert [tuple(t.shape) for t in kernel.outputs] == [(2, 40, 2, 16)]  # dq, found by the NaN probe
+    assert kernel.error(default) == 0
+    if DEVICE == "cpu":  # on an H100, C=64 with 16-wide tiles is one of the configs Triton 3.6 miscompiles
+        assert kernel.error({**default, "C": 64}) < 1e-5
+    launch_dq = kernel.launch
+    kernel.launch = lambda: None  # writes nothing: the NaN fill shows
+    assert math.isnan(kernel.error(default))
+
+    def scribble():
+        launch_dq()
+        kernel.outputs[0][0, 0] += 1
+    kernel.launch = scribble
+    assert kernel.error(default) > 1e-3
+
+
+def test_hanging_trial_is_killed(tmp_path, optuna, monkeypatch):
+    monkeypatch.setenv("LIGHTGEN_TUNE_FAULT", "hang")
+    (result,) = dry_run(tmp_path, seqlens=(32,), kernels=("fwd",), trials=2, trial_timeout_s=3)
+    assert result["failed"] == 1 and "ms" in result
+    assert "timed out" in trials_of(optuna, tmp_path / "tune" / "studies.journal")[1].user_attrs["error"]
+
+
+def test_missing_optuna_names_the_extra(monkeypatch):
+    import sys
+
+    from lightgen import tune
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # makes `import optuna` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install 'lightgen\[tune\]'"):
+        tune.tune(SPEC, device="cpu")
+    assert cli_main(["tune", SPEC, "--device", "cpu"]) == 2
+
+
+def test_tune_rejects_bad_arguments(optuna):
+    from lightgen import tune
+
+    for kw, needle in [(dict(dtypes=("bf16",)), "bf16"), (dict(dtypes=("int8",)), "int8"),
+                       (dict(kernels=("fwdx",)), "fwdx"), (dict(seqlens=(0,)), "seqlens"), (dict(trials=0), "trials")]:
+        with pytest.raises(ValueError, match=needle):
+            tune.tune(SPEC, device="cpu", **{"dtypes": ("fp32",), **kw})
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def test_cli_help_and_no_cuda(capsys):
+    for command in ("tune", "bench"):
+        with pytest.raises(SystemExit) as info:
+            cli_main([command, "--help"])
+        assert info.value.code == 0
+    assert "--time-budget" in capsys.readouterr().out
+    if torch.cuda.is_available():
+        pytest.skip("the no-CUDA messages need a machine without CUDA")
+    for command in ("tune", "bench"):
+        assert cli_main([command, SPEC]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert cli_main(["tune", "dk=16", "--device", "cpu"]) == 2  # a bad spec
+    assert cli_main(["tune", SPEC, "--device", "cpu", "--commit"]) == 2
+    assert cli_main(["tune", SPEC, "--device", "cpu", "--seqlens", "1x"]) == 2
+
+
+def test_cli_dry_run(tmp_path, optuna, monkeypatch, capsys):
+    monkeypatch.setenv("LIGHTGEN_TUNED_DIR", str(tmp_path / "user"))
+    argv = ["tune", SPEC, "--device", "cpu", "--kernels", "bwd_dv", "--seqlens", "48", "--trials", "2",
+            "--storage", str(tmp_path / "j.journal")]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "bwd_dv" in out and "1 new or faster entries" in out
+    ((key, value),) = configs.entries(tmp_path / "user")
+    assert (key.kernel, key.n_bucket, key.dtype, value["trials"]) == ("bwd_dv", 64, "fp32", 2)
