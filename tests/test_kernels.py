@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import lightgen
 from lightgen import reference
+from lightgen.verify import TOLERANCE, rel_err
 
 DIMS = [(16, 16), (32, 64), (64, 32), (128, 128)]
 MATRIX = list(itertools.product(["none", "constant"], [True, False], ["none", "d"], ["identity", "silu", "elu+1"], DIMS))
@@ -56,9 +57,10 @@ def test_state_passing_equals_one_call():
     first, state = attn(q[:, :33], k[:, :33], v[:, :33], theta=theta, output_final_state=True)
     second, state = attn(q[:, 33:], k[:, 33:], v[:, 33:], theta=theta, initial_state=state,
                          output_final_state=True, offset=33)
-    tol = 1e-5 if DTYPES[0] == torch.float32 else 1e-2
-    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=tol, atol=tol)
-    torch.testing.assert_close(state, final, rtol=tol, atol=tol)
+    # other chunk boundaries round differently: compare normwise at the dtype's tolerance
+    tol = TOLERANCE[DTYPES[0]]
+    assert rel_err(torch.cat([first, second], dim=1), whole) < tol
+    assert rel_err(state, final) < tol
 
 
 def test_custom_phi_expression():
