@@ -52,29 +52,13 @@ def recurrent_step(state, q, k, v, slopes, theta, position: int):
         return torch.einsum("bhk,bhkv->bhv", fq, update), update
 
 
-def chunk_with_state(attend, q, k, v, slopes, theta, state, start: int):
-    """A chunk of C tokens at positions start.. with the state of those before it.
+def chunk_with_state(attend, q, k, v, state, start: int):
+    """A chunk of tokens at positions start.. with the state of those before it, in one kernel call.
 
-    attend(q, k, v) is the parallel kernel over the chunk alone; the contribution of the earlier
-    tokens and the new state are computed here in PyTorch (until lightgen takes an initial state
-    and returns a final one). q, k, v [B, C, H, d] -> (o [B, C, H, d] fp32, new state)."""
-    o = attend(q, k, v)
-    with torch.autocast(q.device.type, enabled=False):
-        c = q.shape[1]
-        s = slopes.float()
-        i = torch.arange(c, device=q.device)
-        pos = start + i
-        o = o.float()
-        if state is not None:
-            fq = features(q, theta, pos)
-            into = torch.exp(-s[None, :] * (i[:, None] + 1))  # lambda^(i+1): state decayed to token i
-            o = o + torch.einsum("bchk,bhkv->bchv", fq, state) * into[None, :, :, None]
-        fk = features(k, theta, pos)
-        out = torch.exp(-s[None, :] * (c - 1 - i)[:, None])  # lambda^(C-1-i): token i decayed to the end
-        new_state = torch.einsum("bchk,ch,bchv->bhkv", fk, out, v.float())
-        if state is not None:
-            new_state = new_state + torch.exp(-s * c)[None, :, None, None] * state
-        return o, new_state
+    attend(q, k, v, **states) is the layer's lightgen attention, which takes the incoming state and
+    returns the outgoing one. q, k, v [B, C, H, d] -> (o [B, C, H, d] fp32, new state)."""
+    o, new_state = attend(q, k, v, initial_state=state, output_final_state=True, offset=start)
+    return o.float(), new_state
 
 
 # ---- the model-level loop --------------------------------------------------------------------

@@ -86,8 +86,8 @@ class GLA(nn.Module):
         self.slopes = slopes.to(self.slopes.device)
         return self
 
-    def _attend(self, q, k, v):
-        return self.attn(q, k, v, slopes=self.slopes.float(), theta=self.theta)
+    def _attend(self, q, k, v, **states):
+        return self.attn(q, k, v, slopes=self.slopes.float(), theta=self.theta, **states)
 
     def forward(self, x, cache=None):
         """x [B, N, hidden]. With a cache (generation), carry this layer's state across calls."""
@@ -102,7 +102,7 @@ class GLA(nn.Module):
             o = o[:, None]
         else:
             o, cache.states[self.layer] = chunk_with_state(
-                self._attend, q, k, v, self.slopes, self.theta, cache.states[self.layer], cache.position)
+                self._attend, q, k, v, cache.states[self.layer], cache.position)
         o = self.norm(o.reshape(b, n, hidden)) * _GATES[self.gate_act](u)
         return self.out_proj(o.to(u.dtype))
 
