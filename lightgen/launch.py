@@ -120,3 +120,27 @@ def params(variant, kernel: str, dtype: torch.dtype, n: int, device: torch.devic
                        f"invalid ({why}: {tuned}); using the heuristic default. Re-tune: lightgen tune '{variant}'")
         warnings.warn(message, LaunchConfigWarning, stacklevel=3)  # points at the caller of params()
     return heuristic(variant, kernel, interpreted=False)
+
+
+def segments(variant, shape, device) -> int:
+    """How many pieces to cut each sequence into (1: none). Long sequences with few (batch, head)
+    pairs leave most SMs idle with one program per (batch, head, tile); cutting the sequence into P
+    pieces of a larger batch gives P times the programs (ops.LinearAttention._split)."""
+    if device.type != "cuda":
+        return 1
+    b, n, h, _ = shape
+    programs = b * h * max(1, variant.dv // heuristic(variant, "fwd", False)["BV"])
+    target = 2 * _sm_count(device)
+    pieces = 1
+    while programs * pieces < target and n % (2 * pieces) == 0 and n // (2 * pieces) >= 2048:
+        pieces *= 2
+    return pieces
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device) -> int:
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]

@@ -92,9 +92,37 @@ class LinearAttention:
             initial_state = initial_state.to(torch.float32).contiguous()
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset: expected an int >= 0 (the position of the first token), got {offset!r}")
-        o, final_state = self._forward(q.contiguous(), k.contiguous(), v.contiguous(), log2_decay, theta,
-                                       initial_state, offset, bool(output_final_state))
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        segments = launch.segments(variant, q.shape, q.device) if variant.causal else 1
+        if segments > 1:
+            o, final_state = self._split(q, k, v, log2_decay, theta, initial_state, offset, segments)
+        else:
+            o, final_state = self._forward(q, k, v, log2_decay, theta, initial_state, offset,
+                                           bool(output_final_state), 1)
         return (o, final_state) if output_final_state else o
+
+    def _split(self, q, k, v, log2_decay, theta, initial_state, offset, segments):
+        """Sequence splitting for long N and few heads: the sequence becomes `segments` pieces of a
+        larger batch, so that more programs run. Pass 1 gets each piece's own final state, a tiny
+        decayed prefix sum over pieces gives each piece its incoming state, pass 2 computes the
+        outputs from it. Autograd carries the backward through both passes (also split)."""
+        b, n, h, _ = q.shape
+        piece = n // segments
+        as_pieces = [t.view(b * segments, piece, h, t.shape[-1]) for t in (q, k, v)]
+        _, own = self._forward(*as_pieces, log2_decay, theta, None, offset, True, segments)
+        own = own.view(b, segments, *own.shape[1:])  # [B, P, H, F, dv]
+        # incoming[p] = sum over j < p of lambda^(piece (p-1-j)) own[j]  (+ lambda^(piece p) initial)
+        p = torch.arange(segments, device=q.device)
+        hops = (p[:, None] - 1 - p[None, :]).clamp_min(0).to(torch.float32)
+        ld = log2_decay if log2_decay is not None else torch.zeros(h, device=q.device)
+        weights = torch.exp2(ld[:, None, None] * piece * hops) * (p[:, None] > p[None, :])  # [H, P, P]
+        incoming = torch.einsum("hpj,bjhfv->bphfv", weights, own)
+        if initial_state is not None:
+            incoming = incoming + torch.exp2(ld[None, :, None, None] * piece * p[:, None, None, None]) \
+                * initial_state[:, None]
+        o, last = self._forward(*as_pieces, log2_decay, theta, incoming.reshape(b * segments, *own.shape[2:]),
+                                offset, True, segments)
+        return o.view(b, n, h, v.shape[-1]), last.view(b, segments, *last.shape[1:])[:, -1]
 
 
 _COMPILED: dict[str, LinearAttention] = {}
@@ -155,7 +183,7 @@ def _use_kernels(t: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LIGHTGEN_CPU_REFERENCE") != "1"
 
 
-def _launch(module, variant, kernel, q, tile_name, args, offset, **flags):
+def _launch(module, variant, kernel, q, tile_name, args, offset, segments, **flags):
     """One kernel over grid (B*H, tiles): its output's head dim ("BK": dk, "BV": dv) is tiled."""
     import triton.language as tl
 
@@ -165,7 +193,7 @@ def _launch(module, variant, kernel, q, tile_name, args, offset, **flags):
     tiles = (variant.dk if tile_name == "BK" else variant.dv) // tile
     dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[q.dtype]
     getattr(module, kernel)[(b * h, tiles)](
-        *args, n, h, variant.scale, offset, DK=variant.dk, DV=variant.dv, C=params["C"], DOT=dot,
+        *args, n, h, variant.scale, offset, segments, DK=variant.dk, DV=variant.dv, C=params["C"], DOT=dot,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=params["num_warps"], num_stages=params["num_stages"], **{tile_name: tile}, **flags)
 
@@ -175,16 +203,16 @@ def _state_like(variant, q):
     return torch.empty(q.shape[0], q.shape[2], features, variant.dv, device=q.device, dtype=torch.float32)
 
 
-def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final):
+def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final, segments):
     module = build.load(variant)
     o = torch.empty_like(v)
     ht = _state_like(variant, q) if final else None
-    _launch(module, variant, "fwd", q, "BV", (q, k, v, o, h0, ht, log2_decay, theta), offset,
+    _launch(module, variant, "fwd", q, "BV", (q, k, v, o, h0, ht, log2_decay, theta), offset, segments,
             HAS_INIT=h0 is not None, HAS_FINAL=final)
     return o, ht
 
 
-def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, offset):
+def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, segments):
     module = build.load(variant)
     b, n, h, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -192,11 +220,11 @@ def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, offset):
     dth_q = torch.empty(b * h, variant.dk, device=q.device, dtype=torch.float32) if lrpe else None
     dth_k = torch.empty_like(dth_q) if lrpe else None
     dh0 = _state_like(variant, q) if h0 is not None else None
-    _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, h0, log2_decay, theta), offset,
+    _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, h0, log2_decay, theta), offset, segments,
             HAS_INIT=h0 is not None)
-    _launch(module, variant, "bwd_dk", q, "BK", (q, k, v, do, dk, dth_k, dht, log2_decay, theta), offset,
+    _launch(module, variant, "bwd_dk", q, "BK", (q, k, v, do, dk, dth_k, dht, log2_decay, theta), offset, segments,
             HAS_INIT=dht is not None)
-    _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log2_decay, theta), offset,
+    _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log2_decay, theta), offset, segments,
             HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
     dtheta = (dth_q + dth_k).view(b, h, variant.dk).sum(0) if lrpe else None
     return dq, dk, dv, dtheta, dh0
@@ -206,7 +234,8 @@ def _slopes(log2_decay):
     return None if log2_decay is None else log2_decay * -_LN2
 
 
-def _reference(variant, q, k, v, log2_decay, theta, h0, offset, final):
+def _reference(variant, q, k, v, log2_decay, theta, h0, offset, final, segments=1):
+    assert segments == 1, "sequence splitting runs the kernels only"
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = reference.quadratic(variant, q.to(work), k.to(work), v.to(work), _slopes(log2_decay), theta,
                               h0, offset, final)
@@ -214,7 +243,7 @@ def _reference(variant, q, k, v, log2_decay, theta, h0, offset, final):
     return o.to(v.dtype).contiguous(), ht  # the fake op promises the layout of v
 
 
-def _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, offset):
+def _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, segments=1):
     """Gradients of the reference by autograd (runs at the autograd level, not inside the op)."""
     inputs = [q, k, v, theta, h0]
     leaves = [None if t is None else t.detach().to(torch.float32).requires_grad_() for t in inputs]
@@ -237,21 +266,22 @@ def _custom_ops(variant: Variant):
     name = f"lightgen::attn_{variant.hash}"
 
     def forward(q: Tensor, k: Tensor, v: Tensor, log2_decay: MaybeTensor, theta: MaybeTensor,
-                initial_state: MaybeTensor, offset: int, output_final_state: bool) -> tuple[Tensor, Tensor]:
+                initial_state: MaybeTensor, offset: int, output_final_state: bool, segments: int
+                ) -> tuple[Tensor, Tensor]:
         if q.shape[1] == 0:
             o = torch.zeros_like(v)
             ht = _state_like(variant, q).zero_() if initial_state is None else initial_state.clone()
         else:
             impl = _forward_kernels if _use_kernels(q) else _reference
-            o, ht = impl(variant, q, k, v, log2_decay, theta, initial_state, offset, output_final_state)
+            o, ht = impl(variant, q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments)
         # custom ops return tensors: an empty one stands for "no final state asked for"
         return o, (ht if output_final_state else q.new_empty(0))
 
     def backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, log2_decay: MaybeTensor, theta: MaybeTensor,
-                 initial_state: MaybeTensor, dht: MaybeTensor, offset: int
+                 initial_state: MaybeTensor, dht: MaybeTensor, offset: int, segments: int
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         dq, dk, dv, dtheta, dh0 = _backward_kernels(variant, q, k, v, do.contiguous(), log2_decay, theta,
-                                                    initial_state, dht, offset)
+                                                    initial_state, dht, offset, segments)
         # outputs may not alias each other: a fresh empty tensor for each absent gradient
         return (dq, dk, dv, q.new_empty(0) if dtheta is None else dtheta, q.new_empty(0) if dh0 is None else dh0)
 
@@ -259,19 +289,19 @@ def _custom_ops(variant: Variant):
     bwd_op = torch.library.custom_op(name + "_backward", backward, mutates_args=())
 
     @fwd_op.register_fake
-    def _(q, k, v, log2_decay, theta, initial_state, offset, output_final_state):
+    def _(q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments):
         return torch.empty_like(v), (_state_like(variant, q) if output_final_state else q.new_empty(0))
 
     @bwd_op.register_fake
-    def _(q, k, v, do, log2_decay, theta, initial_state, dht, offset):
+    def _(q, k, v, do, log2_decay, theta, initial_state, dht, offset, segments):
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
                 torch.empty_like(theta) if theta is not None else q.new_empty(0),
                 torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0))
 
     def setup_context(ctx, inputs, output):
-        q, k, v, log2_decay, theta, initial_state, offset, output_final_state = inputs
+        q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments = inputs
         ctx.save_for_backward(q, k, v, log2_decay, theta, initial_state)
-        ctx.offset, ctx.final = offset, output_final_state
+        ctx.offset, ctx.final, ctx.segments = offset, output_final_state, segments
 
     def autograd_backward(ctx, do, dht):
         q, k, v, log2_decay, theta, h0 = ctx.saved_tensors
@@ -282,12 +312,12 @@ def _custom_ops(variant: Variant):
             grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                      None if theta is None else torch.zeros_like(theta), None if h0 is None else dht)
         elif _use_kernels(q):
-            grads = bwd_op(q, k, v, do, log2_decay, theta, h0, dht, ctx.offset)
+            grads = bwd_op(q, k, v, do, log2_decay, theta, h0, dht, ctx.offset, ctx.segments)
         else:  # the reference needs autograd, which is off below the op's dispatch: run it here
-            grads = _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, ctx.offset)
+            grads = _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, ctx.offset, ctx.segments)
         dq, dk, dv, dtheta, dh0 = grads
         return (dq, dk, dv, None, dtheta if theta is not None else None,
-                dh0 if h0 is not None else None, None, None)
+                dh0 if h0 is not None else None, None, None, None)
 
     fwd_op.register_autograd(autograd_backward, setup_context=setup_context)
     _OPS[variant.hash] = fwd_op

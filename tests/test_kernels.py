@@ -47,6 +47,16 @@ def test_states(spec, n):
     check_variant(lightgen.Variant.parse(spec), b=2, n=n, h=2, dtype=DTYPES[0], device=DEVICE, states=True, offset=5)
 
 
+@pytest.mark.parametrize("segments", [2, 4])
+@pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=none,causal,dk=32,dv=16"])
+def test_sequence_splitting(spec, segments, monkeypatch):
+    """Long sequences cut into pieces of a larger batch (forced here): same outputs, gradients, states."""
+    from lightgen import launch
+
+    monkeypatch.setattr(launch, "segments", lambda variant, shape, device: segments)
+    check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=True, offset=3)
+
+
 def test_state_passing_equals_one_call():
     """Chunked prefill: two calls handing the state over equal one call over the whole sequence."""
     attn = lightgen.compile("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16")
@@ -126,6 +136,6 @@ def test_torch_compile_fullgraph_and_opcheck():
     # the registration itself: schema, fake tensor, autograd
     op = getattr(torch.ops.lightgen, f"attn_{attn.variant.hash}")
     log2_decay = -torch.tensor(lightgen.tnl_slopes(2), device=DEVICE) / 0.6931471805599453
-    torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), log2_decay, theta.detach(), None, 0, False))
+    torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), log2_decay, theta.detach(), None, 0, False, 1))
     h0 = torch.randn(1, 2, 32, 16, device=DEVICE)
-    torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), log2_decay, theta.detach(), h0, 7, True))
+    torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), log2_decay, theta.detach(), h0, 7, True, 1))
