@@ -6,6 +6,7 @@ fp16 (the interpreter's bf16 tl.dot is wrong, so bf16 is tested on the GPU only)
 import os
 import tempfile
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -15,3 +16,15 @@ os.environ.setdefault("LIGHTGEN_CACHE_DIR", tempfile.mkdtemp(prefix="lightgen-te
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float32, torch.float16]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """Empty user and shipped tuned-config stores, both private to the test."""
+    from lightgen import configs
+
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setenv("LIGHTGEN_TUNED_DIR", str(user))
+    monkeypatch.setattr(configs, "shipped_dir", lambda: shipped)
+    return user, shipped

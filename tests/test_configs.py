@@ -29,14 +29,6 @@ def params(c):
     return {"C": c, "BV": 64, "num_warps": 4, "num_stages": 2, "split": 1}
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """Empty user store and an empty shipped store, both private to the test."""
-    user, shipped = tmp_path / "user", tmp_path / "shipped"
-    shipped.mkdir()
-    monkeypatch.setenv("LIGHTGEN_TUNED_DIR", str(user))
-    monkeypatch.setattr(configs, "shipped_dir", lambda: shipped)
-    return user, shipped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,12 +22,9 @@ SPEC = "decay=constant,causal,dk=16,dv=16,scale=1"  # the smallest kernels: fast
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    """Private user and shipped stores, an H100 as the 'current' GPU, and launch's caches emptied."""
-    user, shipped = tmp_path / "user", tmp_path / "shipped"
-    shipped.mkdir()
-    monkeypatch.setenv("LIGHTGEN_TUNED_DIR", str(user))
-    monkeypatch.setattr(configs, "shipped_dir", lambda: shipped)
+def store(store, monkeypatch):
+    """conftest's private stores, an H100 as the 'current' GPU, and launch's caches emptied."""
+    user, shipped = store
     monkeypatch.setattr(configs, "current_arch", lambda device=None: ("sm90", GPU))
     monkeypatch.setattr(launch, "_keys", {})
     monkeypatch.setattr(launch, "_warned", set())
