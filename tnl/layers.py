@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import lightgen
 
@@ -62,6 +63,10 @@ class GLA(nn.Module):
     The output SRMSNorm runs over the whole hidden row (all heads), as in the released code.
     """
 
+    # hook for tnl.distributed.sequence_parallel: attention over a sequence split across ranks,
+    # called as fn(attn, q, k, v, slopes=, theta=) -> o in place of attn itself (training form only)
+    sequence_parallel = None
+
     def __init__(self, config: TNLConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -87,11 +92,16 @@ class GLA(nn.Module):
         return self
 
     def _attend(self, q, k, v, **states):
-        return self.attn(q, k, v, slopes=self.slopes.float(), theta=self.theta, **states)
+        theta = self.theta
+        if isinstance(theta, DTensor):  # tensor parallel: the kernel takes this rank's heads as a plain tensor
+            theta = theta.to_local()
+        if self.sequence_parallel is not None and not states:
+            return self.sequence_parallel(self.attn, q, k, v, slopes=self.slopes.float(), theta=theta)
+        return self.attn(q, k, v, slopes=self.slopes.float(), theta=theta, **states)
 
     def forward(self, x, cache=None):
         """x [B, N, hidden]. With a cache (generation), carry this layer's state across calls."""
-        b, n, hidden = x.shape
+        b, n, _ = x.shape
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
         q, k, v = (t.reshape(b, n, self.heads, self.head_dim) for t in (q, k, v))
         if cache is None:
@@ -103,7 +113,8 @@ class GLA(nn.Module):
         else:
             o, cache.states[self.layer] = chunk_with_state(
                 self._attend, q, k, v, cache.states[self.layer], cache.position)
-        o = self.norm(o.reshape(b, n, hidden)) * _GATES[self.gate_act](u)
+        # -1, not hidden: under tensor parallelism this rank holds hidden / tp columns (its heads)
+        o = self.norm(o.reshape(b, n, -1)) * _GATES[self.gate_act](u)
         return self.out_proj(o.to(u.dtype))
 
 
