@@ -28,3 +28,15 @@ def store(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTGEN_TUNED_DIR", str(user))
     monkeypatch.setattr(configs, "shipped_dir", lambda: shipped)
     return user, shipped
+
+
+@pytest.fixture(scope="session")
+def corpus_dir():
+    """The tnl training corpus folder (downloaded once); skips where it cannot be had."""
+    from tnl import data
+
+    try:
+        data.load_corpus()
+    except data.CorpusUnavailable as e:
+        pytest.skip(f"corpus not cached and not downloadable: {e}")
+    return str(data.data_dir())

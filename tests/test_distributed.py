@@ -118,17 +118,6 @@ def test_checkpoint_saved_on_4_ranks_loads_on_2(tmp_path):
     assert loaded["exported_loss"] == pytest.approx(loaded["loss_before"], rel=LOSS_TOL)
 
 
-@pytest.fixture(scope="module")
-def corpus_dir():
-    from tnl import data
-
-    try:
-        data.load_corpus()
-    except data.CorpusUnavailable as e:
-        pytest.skip(f"corpus not cached and not downloadable: {e}")
-    return str(data.data_dir())
-
-
 def test_train_dist_runs_and_resumes_on_another_mesh(tmp_path, corpus_dir):
     out = tmp_path / "run"
     common = ["-m", "tnl.train_dist", "--config", "tiny", "--num-heads", "4", "--batch-size", "4", "--seq-len", "64",

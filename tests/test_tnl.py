@@ -347,14 +347,6 @@ def test_byte_tokenizer_and_batches():
         data.split(tokens, 1.5)
 
 
-@pytest.fixture(scope="module")
-def corpus_dir():
-    try:
-        data.load_corpus()
-    except data.CorpusUnavailable as e:
-        pytest.skip(f"corpus not cached and not downloadable: {e}")
-    return str(data.data_dir())
-
 
 def test_training_loss_falls_and_resumes(tmp_path, corpus_dir, no_interpreter, capsys):
     from tnl import train

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn

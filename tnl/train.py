@@ -28,13 +28,8 @@ CHECKPOINT = "checkpoint"
 TRAINER_STATE = "trainer.pt"
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="tnl-train", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="model size preset")
-    p.add_argument("--out", default="runs/tnl", help="folder for checkpoint, metrics and loss.png")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
+def add_schedule_args(p):
+    """Optimiser, schedule, eval and checkpoint options shared with tnl.train_dist."""
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     p.add_argument("--warmup", type=int, default=30)
@@ -43,6 +38,16 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--save-every", type=int, default=500)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="tnl-train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="model size preset")
+    p.add_argument("--out", default="runs/tnl", help="folder for checkpoint, metrics and loss.png")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    add_schedule_args(p)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None,

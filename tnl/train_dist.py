@@ -30,7 +30,7 @@ from .config import PRESETS, TNLConfig
 from .distributed import checkpoint, make_mesh, parallelize
 from .distributed.sequence_parallel import METHODS
 from .model import TNLForCausalLM
-from .train import lr_at, make_optimizer
+from .train import add_schedule_args, lr_at, make_optimizer
 
 # NVLink multicast (NVLS) can take a shared host's GPUs out of service: off unless the caller's
 # environment says otherwise. NCCL and PyTorch read these when they create communicators / symmetric
@@ -64,14 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16, help="global batch (rows), split over dp")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row, split over sp")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--save-every", type=int, default=500)
+    add_schedule_args(p)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (any mesh)")
     p.add_argument("--export", action="store_true", help="write <out>/model (save_pretrained) at the end")
     p.add_argument("--seed", type=int, default=0)
