@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from . import configs
+from . import configs, render
 
 PARAM_NAMES = ("C", "BK", "BV", "num_warps", "num_stages")
 
@@ -82,7 +82,9 @@ def problem(p: dict, variant) -> str | None:
 # ---- lookup --------------------------------------------------------------------------------
 
 # (variant, kernel, dtype, device) -> the configs.lookup arguments but n: the hot path costs one
-# dict lookup here plus configs' stat check (variant.hash and the device's arch are not free)
+# dict lookup here plus configs' stat check (the source key and the device's arch are not free).
+# Entries are keyed by the generated source's key, not the variant's hash: a template change
+# makes the kernels new, and their old tuned entries no longer apply.
 _keys: dict[tuple, tuple] = {}
 _warned: set[tuple] = set()
 
@@ -92,7 +94,7 @@ def _lookup_args(variant, kernel, dtype, device) -> tuple:
     args = _keys.get(key)
     if args is None:
         arch, gpu = configs.current_arch(device)
-        args = (arch, gpu, configs.triton_version(), variant.hash, kernel, variant.dk, variant.dv, dtype)
+        args = (arch, gpu, configs.triton_version(), render.source_key(variant), kernel, variant.dk, variant.dv, dtype)
         _keys[key] = args
     return args
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import configs, launch
+from . import configs, launch, render
 from .spec import as_variant
 
 KERNELS = ("fwd", "bwd_dq", "bwd_dk", "bwd_dv")
@@ -153,7 +153,7 @@ def _tune_study(optuna, store, worker, variant, kernel, dtype, n, env, bar) -> d
     from optuna.trial import TrialState
 
     b = max(1, env["tokens"] // n)
-    key = configs.ConfigKey(env["arch"], env["gpu"], env["triton"], variant.hash, kernel, variant.dk, variant.dv,
+    key = configs.ConfigKey(env["arch"], env["gpu"], env["triton"], render.source_key(variant), kernel, variant.dk, variant.dv,
                             dtype, configs.n_bucket(n))
     default = launch.heuristic(variant, kernel, interpreted=env["interpreted"])
     dists = space(optuna, variant, kernel, default)

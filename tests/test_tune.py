@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from lightgen import configs, launch
+from lightgen import configs, launch, render
 from lightgen.cli import main as cli_main
 from lightgen.launch import LaunchConfigWarning
 from lightgen.spec import Variant
@@ -32,7 +32,7 @@ def store(store, monkeypatch):
 
 
 def record(params, n=4096, kernel="fwd", dtype="bf16", variant=VARIANT):
-    key = configs.ConfigKey("sm90", GPU, configs.triton_version(), variant.hash, kernel, variant.dk, variant.dv,
+    key = configs.ConfigKey("sm90", GPU, configs.triton_version(), render.source_key(variant), kernel, variant.dk, variant.dv,
                             dtype, n)
     configs.record(key, params, 1.0, 10)
 
