@@ -28,6 +28,7 @@ def cmd_build(args) -> int:
     device = _device(args.device)
     import torch
 
+    from . import configs
     from .spec import Variant
     from .verify import TOLERANCE, compare
     from .ops import compile as compile_variant
@@ -38,8 +39,7 @@ def cmd_build(args) -> int:
     print(f"kernels : {attn.source_path}")
     if args.no_check:
         return 0
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype
-                                                                               or ("bf16" if device == "cuda" else "fp32")]
+    dtype = configs.torch_dtype(args.dtype or ("bf16" if device == "cuda" else "fp32"))
     if device == "cpu" and dtype == torch.bfloat16:
         raise SystemExit("--dtype bf16: Triton's interpreter computes bf16 dots wrongly; check bf16 on a GPU")
     errors = compare(variant, b=args.batch, n=args.seqlen, h=args.heads, dtype=dtype, device=device)
@@ -135,7 +135,7 @@ def cmd_tune(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from . import bench
+    from . import bench, configs
     from .spec import Variant
 
     Variant.parse(args.spec)  # a bad spec is an error before anything else
@@ -145,7 +145,7 @@ def cmd_bench(args) -> int:
     unknown = (only or set()) - set(BENCH_NAMES)
     if unknown:
         raise ValueError(f"--only: unknown {', '.join(sorted(unknown))} (choose from {', '.join(BENCH_NAMES)})")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = configs.torch_dtype(args.dtype)
     bench.run(args.spec, tokens=args.tokens, hidden=args.hidden, seqlens=_ints(args.seqlens, "--seqlens"),
               dtype=dtype, out_dir=args.out, only=only)
     return 0

@@ -81,6 +81,15 @@ def dtype_name(dtype) -> str:
     return _DTYPE_ALIASES.get(s, s)
 
 
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a short name: 'bf16' -> torch.bfloat16."""
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name(name)]
+
+
 @functools.lru_cache(maxsize=None)
 def triton_version() -> str:
     """Installed Triton as 'major.minor' (the granularity at which tuned configs stay valid)."""

@@ -172,9 +172,6 @@ def _check_param(name, t, shape, device):
 
 # ---- launching ------------------------------------------------------------------------------
 
-_DOT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def _use_kernels(t: torch.Tensor) -> bool:
     # LIGHTGEN_CPU_REFERENCE=1 picks the reference on CPU even under the interpreter (fast CPU tests
     # of models); toggling TRITON_INTERPRET itself inside a process confuses Triton's interpreter.

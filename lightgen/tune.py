@@ -39,7 +39,6 @@ CHUNKS, TILES, WARPS, STAGES = (32, 64, 128), (16, 32, 64, 128), (2, 4, 8), (1, 
 # largest relative error (Frobenius) of a trial's outputs against the default config's: configs only
 # reorder fp32 sums, a miscompile is off by O(1) or leaves NaN (outputs are NaN-filled before a run)
 AGREE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2}
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STARTUP_TIMEOUT_S = 300.0  # a fresh worker importing torch and Triton; compiling the default config
 
 
@@ -99,7 +98,7 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
         device = torch.device("cuda", torch.cuda.current_device())  # the worker pins this one
     dtypes = [configs.dtype_name(d) for d in dtypes]
     for d in dtypes:
-        if d not in _TORCH_DTYPES:
+        if d not in configs.DTYPE_NAMES:
             raise ValueError(f"tune: dtype {d!r}: expected fp32, fp16 or bf16")
         if d == "bf16" and device.type == "cpu":
             raise ValueError("tune: bf16 under Triton's interpreter computes wrong dots; dry-run with fp32 or fp16")
@@ -382,7 +381,7 @@ class _Case:
         variant = self.attn.variant
         self.device = device
         g = torch.Generator(device=device).manual_seed(0)
-        dt = _TORCH_DTYPES[dtype]
+        dt = configs.torch_dtype(dtype)
 
         def randn(d, scale=1.0):
             return (torch.randn(b, n, h, d, device=device, generator=g) * scale).to(dt)
