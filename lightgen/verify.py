@@ -48,25 +48,26 @@ def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, 
         h0 = (torch.randn(b, h, features, variant.dv, generator=g) * 0.3).to(device)
         dht = torch.randn(b, h, features, variant.dv, generator=g).to(device)
 
-    def run(fn, cast, q, k, v, theta, h0, slopes):
-        leaves = [cast(t).requires_grad_() for t in (q, k, v)]
-        extra = [None if t is None else t.to(leaves[0].dtype if cast is torch.Tensor.double else torch.float32)
-                 .clone().requires_grad_() for t in (theta, h0)]
+    def run(fn, work, slopes):
+        """Output(s) and gradients of fn; inputs in `work` dtype (None: q, k, v as given, theta and
+        the state in fp32, as a caller would pass them)."""
+        leaves = [t.to(work or t.dtype).clone().requires_grad_() for t in (q, k, v)]
+        extra = [None if t is None else t.to(work or torch.float32).clone().requires_grad_() for t in (theta, h0)]
         out = fn(*leaves, slopes, extra[0], initial_state=extra[1], output_final_state=states, offset=offset)
         o, ht = out if states else (out, None)
-        outputs, grads_out = [o], [cast(do)]
+        outputs, grads_out = [o], [do.to(work or do.dtype)]
         if states:
             outputs.append(ht)
             grads_out.append(dht.to(ht.dtype))
         wrt = leaves + [t for t in extra if t is not None]
         return [o, ht], torch.autograd.grad(outputs, wrt, grads_out)
 
-    (o, ht), grads = run(attn, lambda t: t.clone(), q, k, v, theta, h0, slopes)
+    (o, ht), grads = run(attn, None, slopes)
     if o.dtype != v.dtype or o.shape != v.shape:
         raise AssertionError(f"output {o.dtype} {tuple(o.shape)}, expected {v.dtype} {tuple(v.shape)}")
     ref_slopes = slopes.double() if slopes is not None else None
-    (ref_o, ref_ht), ref_grads = run(lambda *a, **kw: reference.quadratic(variant, *a, **kw), torch.Tensor.double,
-                                     q, k, v, theta, h0, ref_slopes)
+    (ref_o, ref_ht), ref_grads = run(lambda *a, **kw: reference.quadratic(variant, *a, **kw), torch.float64,
+                                     ref_slopes)
     names = ["dq", "dk", "dv"] + (["dtheta"] if theta is not None else []) + (["dh0"] if states else [])
     errors = {"o": rel_err(o, ref_o)}
     if states:
