@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -180,6 +180,13 @@ def _use_kernels(t: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LIGHTGEN_CPU_REFERENCE") != "1"
 
 
+class TileShares(NamedTuple):
+    """A kernel argument every output-tile program adds its share to (dk from bwd_dkv's dv tiles).
+    _launch hands the kernel one fp32 slice per tile and sums them into `total`; with one tile the
+    kernel writes `total` itself. (A tuple, so the tuner finds the tensor among the arguments.)"""
+    total: torch.Tensor
+
+
 def _launch(module, variant, kernel, q, tile_name, args, offset, segments, **flags):
     """One kernel over grid (B*H, tiles): its output's head dim ("BK": dk, "BV": dv) is tiled."""
     import triton.language as tl
@@ -188,11 +195,19 @@ def _launch(module, variant, kernel, q, tile_name, args, offset, segments, **fla
     params = launch.params(variant, kernel, q.dtype, n, q.device)
     tile = params[tile_name]
     tiles = (variant.dk if tile_name == "BK" else variant.dv) // tile
+    shares = [(a.total, a.total.unsqueeze(0) if tiles == 1 else
+               torch.empty((tiles, *a.total.shape), device=q.device, dtype=torch.float32))
+              for a in args if isinstance(a, TileShares)]
+    slices = iter(s for _, s in shares)
+    args = [next(slices) if isinstance(a, TileShares) else a for a in args]
     dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[q.dtype]
     getattr(module, kernel)[(b * h, tiles)](
         *args, n, h, variant.scale, offset, segments, DK=variant.dk, DV=variant.dv, C=params["C"], DOT=dot,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=params["num_warps"], num_stages=params["num_stages"], **{tile_name: tile}, **flags)
+    if tiles > 1:
+        for total, per_tile in shares:
+            total.copy_(per_tile.sum(0))
 
 
 def _state_like(variant, q):
@@ -219,10 +234,9 @@ def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, 
     dh0 = _state_like(variant, q) if h0 is not None else None
     _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, h0, log2_decay, theta), offset, segments,
             HAS_INIT=h0 is not None)
-    _launch(module, variant, "bwd_dk", q, "BK", (q, k, v, do, dk, dth_k, dht, log2_decay, theta), offset, segments,
-            HAS_INIT=dht is not None)
-    _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log2_decay, theta), offset, segments,
-            HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
+    _launch(module, variant, "bwd_dkv", q, "BV", (q, k, v, do, TileShares(dk), dv, dth_k if dth_k is None else TileShares(dth_k),
+                                                  dht, dh0, log2_decay, theta),
+            offset, segments, HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
     dtheta = (dth_q + dth_k).view(b, h, variant.dk).sum(0) if lrpe else None
     return dq, dk, dv, dtheta, dh0
 

@@ -1,7 +1,7 @@
 """Optuna search over the kernels' launch space, measured on the GPU (`lightgen tune SPEC`).
 
-One study per (kernel, dtype, sequence length): kernel is one of fwd, bwd_dq, bwd_dk, bwd_dv, and the
-space is the chunk C, the output tile (BV for fwd and bwd_dv, BK for bwd_dq and bwd_dk), num_warps
+One study per (kernel, dtype, sequence length): kernel is one of fwd, bwd_dq, bwd_dkv, and the
+space is the chunk C, the output tile (BV for fwd and bwd_dkv, BK for bwd_dq), num_warps
 and num_stages. A trial times ONE kernel launch (median of triton.testing.do_bench) on inputs of
 B = tokens // N sequences and H = hidden // D heads. The best config per study goes to the
 tuned-config store (lightgen.configs.record), where launch.params finds it at call time.
@@ -32,8 +32,8 @@ import torch
 from . import configs, launch, render
 from .spec import as_variant
 
-KERNELS = ("fwd", "bwd_dq", "bwd_dk", "bwd_dv")
-TILE = {"fwd": "BV", "bwd_dq": "BK", "bwd_dk": "BK", "bwd_dv": "BV"}  # the head dim each kernel's grid tiles
+KERNELS = ("fwd", "bwd_dq", "bwd_dkv")
+TILE = {"fwd": "BV", "bwd_dq": "BK", "bwd_dkv": "BV"}  # the head dim each kernel's grid tiles
 SEQLENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 CHUNKS, TILES, WARPS, STAGES = (32, 64, 128), (16, 32, 64, 128), (2, 4, 8), (1, 2, 3, 4)
 # largest relative error (Frobenius) of a trial's outputs against the default config's: configs only

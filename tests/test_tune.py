@@ -133,7 +133,7 @@ def test_dry_run_records_and_resumes(tmp_path, optuna, monkeypatch):
     from lightgen import tune
 
     results = dry_run(tmp_path)
-    assert len(results) == 8  # 4 kernels x 2 seqlens x 1 dtype
+    assert len(results) == 6  # 3 kernels x 2 seqlens x 1 dtype
     variant = Variant.parse(SPEC)
     for r in results:
         assert "error" not in r, r
@@ -244,10 +244,10 @@ def test_cli_help_and_no_cuda(capsys):
 
 def test_cli_dry_run(tmp_path, optuna, monkeypatch, capsys):
     monkeypatch.setenv("LIGHTGEN_TUNED_DIR", str(tmp_path / "user"))
-    argv = ["tune", SPEC, "--device", "cpu", "--kernels", "bwd_dv", "--seqlens", "48", "--trials", "2",
+    argv = ["tune", SPEC, "--device", "cpu", "--kernels", "bwd_dkv", "--seqlens", "48", "--trials", "2",
             "--storage", str(tmp_path / "j.journal")]
     assert cli_main(argv) == 0
     out = capsys.readouterr().out
-    assert "bwd_dv" in out and "1 new or faster entries" in out
+    assert "bwd_dkv" in out and "1 new or faster entries" in out
     ((key, value),) = configs.entries(tmp_path / "user")
-    assert (key.kernel, key.n_bucket, key.dtype, value["trials"]) == ("bwd_dv", 64, "fp32", 2)
+    assert (key.kernel, key.n_bucket, key.dtype, value["trials"]) == ("bwd_dkv", 64, "fp32", 2)
