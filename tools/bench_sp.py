@@ -155,7 +155,8 @@ def compare_row(model, group, context: int, args, device, amp_dtype) -> dict:
 
 def report(result: dict) -> str:
     env = result["environment"]
-    lines = [f"{env['device']}, {env['date']}; torch {env['torch']}, triton {env['triton']}; config "
+    lines = [f"{env['device']}, {env['date']}; torch {env['torch']}, triton {env['triton']}; "
+             f"TNL attention: {env['tnl_attention']}; config "
              f"{result['config_name']} ({result['parameters'] / 1e6:.1f}M parameters); "
              f"{result['autocast'] or 'fp32'}; one rank ({result['backend']}); forward + backward"]
     headers = ["context", "batch", "path", "tok/s", "vs plain", "peak GB", "loss", "loss rel diff",

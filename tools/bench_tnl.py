@@ -104,10 +104,14 @@ class Checkpointed(nn.Module):
         return checkpoint(self.block, *args, use_reentrant=False)
 
 
+def flash_only(device: torch.device, amp_dtype) -> bool:
+    """Llama's SDPA is limited to FlashAttention-2 on a GPU in bf16 / fp16 (no silent fallback to
+    another backend); FlashAttention has no fp32, and the CPU none of it."""
+    return device.type == "cuda" and amp_dtype is not None
+
+
 def attention_backend(name: str, device: torch.device, amp_dtype):
-    """Llama's SDPA limited to FlashAttention-2 on a GPU in bf16 / fp16 (no silent fallback to
-    another backend; FlashAttention has no fp32)."""
-    if name == "llama" and device.type == "cuda" and amp_dtype is not None:
+    if name == "llama" and flash_only(device, amp_dtype):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
@@ -235,6 +239,7 @@ def report(result: dict) -> str:
     env, models = result["environment"], result["models"]
     sizes = ", ".join(f"{m} {n / 1e6:.1f}M" for m, n in result["parameters"].items())
     lines = [f"{env['device']}, {env['date']}; torch {env['torch']}, triton {env['triton']}; "
+             f"TNL attention: {env['tnl_attention']}; "
              f"config {result['config_name']} ({sizes} parameters); {result['autocast'] or 'fp32'}; "
              f"{result['tokens_per_batch']:,} tokens per batch" + ("; activation checkpointing" if result["checkpoint"] else "")]
     if result["training"]:
@@ -276,6 +281,7 @@ def run(args) -> dict:
     result = {"environment": measure.environment(device), "config_name": args.config, "config": config.to_dict(),
               "parameters": parameter_counts(config), "models": args.models,
               "autocast": None if amp_dtype is None else args.dtype, "checkpoint": args.checkpoint,
+              "llama_attention": "SDPA, FlashAttention-2" if flash_only(device, amp_dtype) else "SDPA, any backend",
               "tokens_per_batch": args.tokens_per_batch, "steps": args.steps, "warmup": args.warmup,
               "gen_tokens": args.gen_tokens, "training": [], "generation": []}
     print(f"parameters: {', '.join(f'{m} {n:,}' for m, n in result['parameters'].items())}", file=sys.stderr)

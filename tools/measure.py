@@ -106,11 +106,20 @@ def guarded(run_row, device: torch.device) -> dict:
     return result
 
 
+def attention_path(device: torch.device) -> str:
+    """Where lightgen's attention runs for tensors on this device (lightgen.ops' own rule)."""
+    from lightgen.ops import _use_kernels
+
+    if not _use_kernels(torch.empty(0, device=device)):
+        return "PyTorch reference"
+    return "Triton kernels" if device.type == "cuda" else "Triton kernels, interpreter"
+
+
 def environment(device: torch.device) -> dict:
     """Where and when: for the JSON and the table's header."""
     import triton
 
-    return {
+    return {"tnl_attention": attention_path(device),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
