@@ -1,0 +1,110 @@
+"""tools/bench_tnl.py, tools/bench_sp.py and tools/llama_baseline.py on the CPU: tiny config, contexts
+of a few dozen tokens, the attention's PyTorch reference (LIGHTGEN_CPU_REFERENCE=1), so each tool
+runs in seconds. They check the tools' wiring and reports; the speeds are measured on a GPU."""
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tnl import TNLConfig
+from tnl.distributed.sequence_parallel import METHODS
+from tools import bench_sp, bench_tnl
+from tools.llama_baseline import LlamaConfig, LlamaForCausalLM
+
+TINY = ["--config", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"]
+
+
+@pytest.fixture(autouse=True)
+def cpu_reference(monkeypatch):
+    monkeypatch.setenv("LIGHTGEN_CPU_REFERENCE", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; the cores are shared
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_llama_baseline_matches_the_tnl_size():
+    for preset in ("385m", "1b", "7b"):
+        config = TNLConfig.preset(preset, vocab_size=64000)
+        counts = bench_tnl.parameter_counts(config)
+        assert counts["llama"] == pytest.approx(counts["tnl"], rel=0.01), preset
+    llama = LlamaConfig.matching(TNLConfig.preset("385m"))
+    assert (llama.hidden_size, llama.num_layers, llama.num_heads, llama.vocab_size) == (1024, 24, 8, 256)
+
+
+def test_llama_baseline_is_causal():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.matching(TNLConfig.preset("tiny", init_std=0.1)))
+    ids = torch.randint(0, 256, (2, 12))
+    changed = ids.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[:, :8], model(changed)[:, :8])
+
+
+def test_bench_tnl_rows(tmp_path):
+    out = tmp_path / "tnl.json"
+    returned = bench_tnl.main([*TINY, "--contexts", "16,32,64", "--tokens-per-batch", "64",
+                               "--gen-contexts", "8,40", "--gen-tokens", "3", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result == json.loads(json.dumps(returned))
+    assert [(row["context"], row["batch"]) for row in result["training"]] == [(16, 4), (32, 2), (64, 1)]
+    for row in result["training"]:
+        for name in ("tnl", "llama"):
+            assert row[name]["tokens_per_s"] > 0 and row[name]["peak_gb"] is None  # not tracked on the CPU
+        assert row["tnl_over_llama"] == pytest.approx(row["tnl"]["tokens_per_s"] / row["llama"]["tokens_per_s"])
+        assert row["tnl"]["vs_first_context"] == pytest.approx(
+            row["tnl"]["tokens_per_s"] / result["training"][0]["tnl"]["tokens_per_s"])
+    assert [row["context"] for row in result["generation"]] == [8, 40]
+    assert all(row["ms_per_token"] > 0 for row in result["generation"])
+    assert result["autocast"] is None and result["parameters"]["tnl"] > 0
+    assert len(result["targets"]) == 3
+
+
+def test_bench_tnl_records_a_failing_row_and_goes_on(monkeypatch, capsys):
+    real = bench_tnl.train_row
+
+    def llama_runs_out_of_memory(name, *args):
+        if name == "llama":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(name, *args)
+
+    monkeypatch.setattr(bench_tnl, "train_row", llama_runs_out_of_memory)
+    result = bench_tnl.main([*TINY, "--contexts", "16,32", "--tokens-per-batch", "32", "--checkpoint",
+                             "--gen-contexts", ""])
+    for row in result["training"]:
+        assert row["llama"] == {"error": "OOM"} and "tnl_over_llama" not in row
+        assert row["tnl"]["tokens_per_s"] > 0
+    assert result["generation"] == [] and result["checkpoint"]
+    assert "OOM" in capsys.readouterr().out
+
+
+def test_bench_sp_agrees_with_the_plain_model(tmp_path):
+    out = tmp_path / "sp.json"
+    bench_sp.main([*TINY, "--contexts", "16,32", "--tokens-per-batch", "64", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [(row["context"], row["batch"]) for row in result["rows"]] == [(16, 4), (32, 2)]
+    for row in result["rows"]:
+        assert row["plain"]["tokens_per_s"] > 0
+        for method in METHODS:
+            assert row[method]["loss"] == pytest.approx(row["plain"]["loss"], rel=1e-6)
+            assert row[method]["max_grad_rel_diff"] <= 1e-5 and row[method]["agree"]
+            assert row[method]["vs_plain"] > 0
+    assert not dist.is_initialized()  # the one-rank group is gone
+
+
+@pytest.mark.parametrize("tool, argv, option", [
+    (bench_tnl, ["--config", "13b"], "--config"),
+    (bench_tnl, ["--contexts", "2048,3000"], "--contexts"),
+    (bench_tnl, ["--contexts", "2k"], "--contexts"),
+    (bench_tnl, ["--models", "tnl,gpt"], "--models"),
+    (bench_tnl, ["--gen-tokens", "0"], "--gen-tokens"),
+    (bench_tnl, ["--dtype", "fp8", "--contexts", "", "--gen-contexts", ""], "--dtype"),
+    (bench_sp, ["--methods", "ring"], "--methods"),
+    (bench_sp, ["--contexts", "0"], "--contexts"),
+])
+def test_bad_arguments_name_the_option(tool, argv, option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        tool.main(argv)
+    assert option in str(exc.value) + capsys.readouterr().err
