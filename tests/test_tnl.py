@@ -196,6 +196,16 @@ def test_greedy_generate_matches_parallel_argmax():
     assert torch.equal(model.generate(prompt, 30, top_k=1), out)  # top-1 sampling is greedy
 
 
+def test_one_token_prompt_decodes_from_the_zero_state():
+    """No prefill chunk: the first call is already a decode step, on a fresh state."""
+    model = make_model()
+    prompt = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(6))
+    out = model.generate(prompt, 8, greedy=True)
+    with torch.no_grad():
+        logits = model(out[:, :-1])
+    torch.testing.assert_close(out[:, 1:], logits.argmax(-1), rtol=0, atol=0)
+
+
 def test_sampling_is_seeded_and_respects_filters():
     model = make_model()
     prompt = torch.randint(0, 256, (3, 4))
