@@ -8,6 +8,10 @@ Contenders (each skipped with a note when not installed, never faked):
 Peers compute constant-decay causal attention with identity phi; for other variants they are a
 yardstick of the field, not the same math. Floor: bytes moved once (fwd reads q, k, v and writes o;
 bwd reads q, k, v, dO and writes dq, dk, dv) at the measured device copy bandwidth.
+
+decode(): one decode step for B sequences (`lightgen bench SPEC --decode`): lightgen's step kernel
+against fla-core's fused_recurrent_simple_gla with one token, and the floor of reading and writing
+the fp32 state once (plus q, k, v, o).
 """
 from __future__ import annotations
 
@@ -58,6 +62,14 @@ def contenders(attn, slopes, theta):
     return out
 
 
+def _theta(variant, heads):
+    """TransNormerLLM's LRPE angles 10000^(-2i/(H dk)) as [H, dk] (None without LRPE)."""
+    if variant.lrpe != "d":
+        return None
+    d = heads * variant.dk
+    return (10000 ** (-2 * torch.arange(d, device="cuda") / d)).view(heads, variant.dk)
+
+
 def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384, 32768, 65536),
         dtype=torch.bfloat16, out_dir=None, only=None) -> dict:
     from .ops import compile as compile_variant
@@ -74,8 +86,7 @@ def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384,
               "triton": __import__("triton").__version__, "dtype": str(dtype), "copy_GBps": bw / 1e9, "rows": []}
     print(f"{result['device']}: copy {bw / 1e9:.0f} GB/s; {variant.canonical()}; {tokens} tokens, H={heads}, D={d}")
     slopes = torch.tensor(tnl_slopes(heads), device="cuda")
-    theta = (10000 ** (-2 * torch.arange(heads * d, device="cuda") / (heads * d))).view(heads, d) \
-        if variant.lrpe == "d" else None
+    theta = _theta(variant, heads)
     for n in seqlens:
         b = max(1, tokens // n)
         elems = b * n * heads * d
@@ -110,6 +121,110 @@ def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384,
         (out / "bench.json").write_text(json.dumps(result, indent=1))
         plot(result, out / "bench.png")
     return result
+
+
+def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only=None, sweep=False,
+           position=4096) -> dict:
+    """Time one decode step of B = batch sequences with H = hidden // D heads (D = max(dk, dv)).
+
+    Floor: the fp32 state [B, H, F, dv] read and written once, plus q, k, v read and o written, at the
+    measured copy bandwidth. fla's state has F = dk (no LRPE): for an LRPE variant it moves half the
+    bytes, and only constant decay with identity phi is the same math. sweep=True also times the
+    step under a grid of launch parameters (BV, num_warps), to choose the heuristic from."""
+    from . import launch
+    from .ops import compile as compile_variant
+    from .spec import tnl_slopes
+    from .verify import rel_err
+
+    attn = compile_variant(spec)
+    variant = attn.variant
+    if not variant.causal:
+        raise ValueError(f"spec: the decode step needs a causal variant, got {variant.canonical()}")
+    heads = hidden // max(variant.dk, variant.dv)
+    bw = copy_bandwidth()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(batch, heads, variant.dk, device="cuda", generator=g).mul(variant.dk ** -0.25).to(dtype)
+            for _ in range(2))
+    v = torch.randn(batch, heads, variant.dv, device="cuda", generator=g).to(dtype)
+    state = attn.new_state(batch, heads, "cuda").normal_(generator=g).mul_(0.1)
+    slopes = torch.tensor(tnl_slopes(heads), device="cuda") if variant.decay == "constant" else None
+    theta = _theta(variant, heads)
+    nbytes = torch.finfo(dtype).bits // 8
+    floor_bytes = 2 * state.numel() * 4 + batch * heads * (2 * variant.dk + 2 * variant.dv) * nbytes
+    result = {"variant": variant.canonical(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "dtype": str(dtype), "copy_GBps": bw / 1e9,
+              "B": batch, "H": heads, "state_MB": state.numel() * 4 / 1e6, "floor_ms": floor_bytes / bw * 1e3}
+    print(f"{result['device']}: copy {bw / 1e9:.0f} GB/s; {variant.canonical()}; decode step B={batch} H={heads}, "
+          f"state {list(state.shape)} fp32 ({result['state_MB']:.1f} MB); floor {result['floor_ms'] * 1e3:.1f} us")
+
+    def ours():
+        return attn.step(q, k, v, state, slopes=slopes, theta=theta, position=position)
+
+    contenders = {"lightgen": ours}
+    if variant.decay != "constant":
+        print("note: fla's fused_recurrent_simple_gla needs a decay; skipped")
+    else:
+        try:
+            from fla.ops.simple_gla import fused_recurrent_simple_gla
+            contenders["fla"] = _fla_step(fused_recurrent_simple_gla, q, k, v, -slopes, variant.scale, variant.dk)
+            if variant.lrpe == "d" or variant.phi_expr != "x":
+                print("note: fla computes identity phi without LRPE (a state of F = dk rows): a yardstick here, "
+                      "not the same math")
+        except Exception as err:  # noqa: BLE001 - report any import failure as a skip
+            print(f"note: fla-core not available ({type(err).__name__}: {err}); skipped")
+    for name, fn in contenders.items():
+        if only and name not in only:
+            continue
+        try:
+            ms = _time(fn)
+            result[name] = {"ms": ms, "x_floor": ms / result["floor_ms"]}
+        except Exception as err:  # noqa: BLE001 - a peer failing is a result, not a crash
+            result[name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+        print(f"  {name:9s} " + (f"{ms * 1e3:8.1f} us  {ms / result['floor_ms']:.2f}x floor"
+                                 if "ms" in result[name] else result[name]["error"]), flush=True)
+    if "ms" in result.get("lightgen", {}) and "ms" in result.get("fla", {}):
+        result["fla_over_lightgen"] = result["fla"]["ms"] / result["lightgen"]["ms"]
+        print(f"  fla takes {result['fla_over_lightgen']:.2f}x the time of lightgen (above 1: lightgen is faster)")
+    if "ms" in result.get("fla", {}) and variant.lrpe == "none" and variant.phi_expr == "x":
+        with torch.no_grad():  # the same math: one step from the same state must agree
+            start = state.clone()
+            ours_o = attn.step(q, k, v, start.clone(), slopes=slopes)
+            fla_o = _fla_step(fused_recurrent_simple_gla, q, k, v, -slopes, variant.scale, variant.dk, start)()
+        result["fla_rel_diff"] = rel_err(ours_o, fla_o)
+        print(f"  lightgen vs fla output, one step from the same state: relative difference {result['fla_rel_diff']:.1e}")
+    if sweep:
+        result["sweep"] = []
+        default = launch.heuristic(variant, "step", interpreted=False)
+        for bv in (t for t in (16, 32, 64, 128) if t <= variant.dv):
+            for warps in (1, 2, 4, 8):
+                try:
+                    with launch.override({"BV": bv, "num_warps": warps}):
+                        ms = _time(ours)
+                except Exception as err:  # noqa: BLE001 - a config that does not compile is a result
+                    ms = float("inf")
+                    print(f"    BV={bv} num_warps={warps}: {type(err).__name__}: {str(err)[:120]}")
+                result["sweep"].append({"BV": bv, "num_warps": warps, "ms": ms})
+        print(f"  sweep (default BV={default['BV']}, num_warps={default['num_warps']}), fastest first:")
+        for r in sorted(result["sweep"], key=lambda r: r["ms"]):
+            print(f"    BV={r['BV']:3d} num_warps={r['num_warps']}  {r['ms'] * 1e3:8.1f} us  "
+                  f"{r['ms'] / result['floor_ms']:.2f}x floor")
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _fla_step(fused_recurrent_simple_gla, q, k, v, g_gamma, scale, dk, initial_state=None):
+    """fla-core's recurrent kernel on one token ([B, 1, H, D]) from a fresh fp32 state [B, H, dk, dv]."""
+    q, k, v = (t[:, None] for t in (q, k, v))
+    if initial_state is None:
+        initial_state = torch.zeros(q.shape[0], q.shape[2], dk, v.shape[-1], device=q.device, dtype=torch.float32)
+
+    def step():
+        return fused_recurrent_simple_gla(q, k, v, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
+                                          output_final_state=True)[0][:, 0]
+    return step
 
 
 def _print_row(row):

@@ -146,6 +146,13 @@ def cmd_bench(args) -> int:
     if unknown:
         raise ValueError(f"--only: unknown {', '.join(sorted(unknown))} (choose from {', '.join(BENCH_NAMES)})")
     dtype = configs.torch_dtype(args.dtype)
+    if args.decode:
+        other = (only or set()) - {"lightgen", "fla"}
+        if other:
+            raise ValueError(f"--only: {', '.join(sorted(other))} has no decode step (choose from lightgen, fla)")
+        bench.decode(args.spec, batch=args.batch, hidden=args.hidden, dtype=dtype, out_dir=args.out, only=only,
+                     sweep=args.sweep)
+        return 0
     bench.run(args.spec, tokens=args.tokens, hidden=args.hidden, seqlens=_ints(args.seqlens, "--seqlens"),
               dtype=dtype, out_dir=args.out, only=only)
     return 0
@@ -224,14 +231,20 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("bench", help="time the variant against peers and the HBM floor on the GPU",
                        description="Benchmark forward and forward+backward against fla, lightning-attn and SDPA "
-                                   "(when installed) and the bytes-moved-once floor; B*N = --tokens, H*D = --hidden.")
+                                   "(when installed) and the bytes-moved-once floor; B*N = --tokens, H*D = --hidden. "
+                                   "--decode times the decode step instead.")
     r.add_argument("spec", help=SPEC_HELP)
-    r.add_argument("--out", metavar="DIR", help="write bench.json and bench.png there")
+    r.add_argument("--out", metavar="DIR", help="write bench.json and bench.png there (--decode: decode.json)")
     r.add_argument("--seqlens", default="1k,2k,4k,8k,16k,32k,64k", help="comma-separated (default 1k..64k)")
     r.add_argument("--only", help=f"comma-separated subset of {','.join(BENCH_NAMES)}")
     r.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     r.add_argument("--tokens", type=int, default=65536)
-    r.add_argument("--hidden", type=int, default=2048)
+    r.add_argument("--hidden", type=int, default=2048, help="H*D (default 2048)")
+    r.add_argument("--decode", action="store_true",
+                   help="time one decode step (the step kernel, fla's fused_recurrent_simple_gla) of --batch "
+                        "sequences against the floor of reading and writing the fp32 state once")
+    r.add_argument("--batch", type=int, default=64, help="--decode: sequences per step (default 64)")
+    r.add_argument("--sweep", action="store_true", help="--decode: also time the step over BV and num_warps")
     r.set_defaults(fn=cmd_bench)
 
     c = sub.add_parser("cache", help="tuned launch configs: list | export FILE | import FILE | merge A B",

@@ -5,8 +5,10 @@ torch.compile(fullgraph=True) sees one opaque node per call and autograd gets th
 Where the kernels run:
   CUDA tensors                       the generated Triton kernels
   CPU tensors, TRITON_INTERPRET=1    the same kernels under Triton's interpreter (tests)
-  CPU tensors otherwise              the PyTorch reference (lightgen.reference.quadratic), so models
-  (or LIGHTGEN_CPU_REFERENCE=1)      built on lightgen run anywhere; it is O(N^2), not a fast path
+  CPU tensors otherwise              the PyTorch reference (lightgen.reference.quadratic, .step), so
+  (or LIGHTGEN_CPU_REFERENCE=1)      models built on lightgen run anywhere; it is O(N^2), not a fast path
+attn.step(q, k, v, state, ...) is the decode step of causal variants (one token per sequence, the
+state updated in place); inference only, so a plain function rather than a custom op.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class LinearAttention:
     variants: S_t = lambda S_{t-1} + f(k_t)^T v_t, o_t = scale f(q_t) S_t, states [B, H, F, dv] in fp32
     with F = dk (2 dk under LRPE: the cos half, then the sin half); both get gradients. offset is the
     LRPE position of the first token (chunked prefill, sequence parallelism).
+    attn.step(q, k, v, state, position=t) -> o: one decode token per sequence, the state updated in place.
 
     Layout [B, N, H, D] (batch, sequence, heads, head dim), like flash-linear-attention:
       q, k   [B, N, H, dk]        v -> o  [B, N, H, dv]        fp32, fp16 or bf16 (all the same)
@@ -64,34 +67,13 @@ class LinearAttention:
         variant = self.variant
         _check_inputs(variant, q, k, v)
         heads = q.shape[2]
-        log2_decay = None
-        if variant.decay == "constant":
-            if slopes is None:
-                key = (heads, str(q.device))
-                if key not in self._default_slopes:
-                    self._default_slopes[key] = torch.tensor(tnl_slopes(heads), dtype=torch.float32, device=q.device)
-                slopes = self._default_slopes[key]
-            _check_param("slopes", slopes, (heads,), q.device)
-            if slopes.requires_grad:
-                raise ValueError("slopes: the decay rates are fixed and get no gradient; pass slopes.detach()")
-            log2_decay = (slopes.to(torch.float32) * (-1.0 / _LN2)).contiguous()
-        elif slopes is not None:
-            raise ValueError(f"slopes: variant has decay={variant.decay}, which takes no slopes")
-        if variant.lrpe == "d":
-            if theta is None:
-                raise ValueError(f"theta: variant has lrpe=d, which needs theta of shape [H, dk] = [{heads}, {variant.dk}]")
-            _check_param("theta", theta, (heads, variant.dk), q.device)
-            theta = theta.to(torch.float32).contiguous()
-        elif theta is not None:
-            raise ValueError("theta: variant has lrpe=none, which takes no theta")
+        log2_decay, theta = self._decay_and_theta(slopes, theta, heads, q.device)
         if (initial_state is not None or output_final_state) and not variant.causal:
             raise ValueError("initial_state, output_final_state: states exist only for causal variants")
         if initial_state is not None:
-            features = variant.dk * (2 if variant.lrpe == "d" else 1)
-            _check_param("initial_state", initial_state, (q.shape[0], heads, features, variant.dv), q.device)
+            _check_param("initial_state", initial_state, _state_shape(variant, q.shape[0], heads), q.device)
             initial_state = initial_state.to(torch.float32).contiguous()
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset: expected an int >= 0 (the position of the first token), got {offset!r}")
+        _check_position("offset", offset)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         segments = launch.segments(variant, q.shape, q.device) if variant.causal else 1
         if segments > 1:
@@ -100,6 +82,68 @@ class LinearAttention:
             o, final_state = self._forward(q, k, v, log2_decay, theta, initial_state, offset,
                                            bool(output_final_state), 1)
         return (o, final_state) if output_final_state else o
+
+    def step(self, q, k, v, state, slopes=None, theta=None, position=0):
+        """One decode token per sequence (causal variants): S <- lambda S + f(k)^T v, o = scale f(q) S.
+
+        q, k [B, H, dk], v [B, H, dv] -> o [B, H, dv] in v's dtype. state [B, H, F, dv] fp32,
+        contiguous, is updated IN PLACE (read once, written once: the memory floor of decoding);
+        it is the state that attn(..., output_final_state=True) returns. position: the LRPE position
+        of the token, an int for every sequence or an integer tensor [B] (one per sequence; its values
+        are not checked, they stay on the device). Inference only: no gradients.
+        """
+        variant = self.variant
+        if not variant.causal:
+            raise ValueError(f"step: {variant.canonical()} is non-causal; the recurrent step exists for causal "
+                             f"variants only")
+        _check_inputs(variant, q, k, v, layout="B, H")
+        batch, heads = q.shape[:2]
+        if torch.is_grad_enabled():
+            for name, t in (("q", q), ("k", k), ("v", v), ("state", state), ("theta", theta)):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    raise ValueError(f"{name}: requires grad, but the decode step is inference only (it has no "
+                                     f"backward); call it under torch.no_grad() or pass {name}.detach()")
+        log2_decay, theta = self._decay_and_theta(slopes, theta, heads, q.device)
+        _check_param("state", state, _state_shape(variant, batch, heads), q.device)
+        if state.dtype != torch.float32:
+            raise TypeError(f"state: expected float32 (it is updated in place), got {state.dtype}")
+        if not state.is_contiguous():
+            raise ValueError("state: expected a contiguous tensor (it is updated in place), got a strided view")
+        positions, offset = _step_positions(position, batch, q.device)
+        if batch * heads == 0:
+            return torch.empty_like(v)
+        impl = _step_kernel if _use_kernels(q) else _step_reference
+        return impl(variant, q.contiguous(), k.contiguous(), v.contiguous(), state, log2_decay, theta,
+                    positions, offset)
+
+    def new_state(self, batch, heads, device=None) -> torch.Tensor:
+        """A zero state [B, H, F, dv] fp32 for step (F = dk, or 2 dk under LRPE)."""
+        return torch.zeros(_state_shape(self.variant, batch, heads), dtype=torch.float32, device=device)
+
+    def _decay_and_theta(self, slopes, theta, heads, device):
+        """Checked kernel inputs: log2 of the decay rates [H] (None without decay), theta [H, dk] fp32."""
+        variant = self.variant
+        log2_decay = None
+        if variant.decay == "constant":
+            if slopes is None:
+                key = (heads, str(device))
+                if key not in self._default_slopes:
+                    self._default_slopes[key] = torch.tensor(tnl_slopes(heads), dtype=torch.float32, device=device)
+                slopes = self._default_slopes[key]
+            _check_param("slopes", slopes, (heads,), device)
+            if slopes.requires_grad:
+                raise ValueError("slopes: the decay rates are fixed and get no gradient; pass slopes.detach()")
+            log2_decay = (slopes.to(torch.float32) * (-1.0 / _LN2)).contiguous()
+        elif slopes is not None:
+            raise ValueError(f"slopes: variant has decay={variant.decay}, which takes no slopes")
+        if variant.lrpe == "d":
+            if theta is None:
+                raise ValueError(f"theta: variant has lrpe=d, which needs theta of shape [H, dk] = [{heads}, {variant.dk}]")
+            _check_param("theta", theta, (heads, variant.dk), device)
+            theta = theta.to(torch.float32).contiguous()
+        elif theta is not None:
+            raise ValueError("theta: variant has lrpe=none, which takes no theta")
+        return log2_decay, theta
 
     def _split(self, q, k, v, log2_decay, theta, initial_state, offset, segments):
         """Sequence splitting for long N and few heads: the sequence becomes `segments` pieces of a
@@ -139,20 +183,22 @@ def compile(variant) -> LinearAttention:  # noqa: A001 - the product's verb
 
 # ---- checks -------------------------------------------------------------------------------
 
-def _check_inputs(variant: Variant, q, k, v):
+def _check_inputs(variant: Variant, q, k, v, layout="B, N, H"):
+    """q, k [*layout, dk] and v [*layout, dv]: [B, N, H, D] for a sequence, [B, H, D] for a decode step."""
+    dims = layout.count(",") + 2
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims [B, N, H, D], got shape {tuple(t.shape)}")
+        if t.dim() != dims:
+            raise ValueError(f"{name}: expected {dims} dims [{layout}, D], got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
     if q.shape[-1] != variant.dk:
         raise ValueError(f"q: last dim must be dk={variant.dk} for this variant, got shape {tuple(q.shape)}")
     if k.shape != q.shape:
         raise ValueError(f"k: expected the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3] or v.shape[-1] != variant.dv:
-        raise ValueError(f"v: expected shape [B, N, H, dv] = {(*q.shape[:3], variant.dv)}, got {tuple(v.shape)}")
+    if v.shape[:-1] != q.shape[:-1] or v.shape[-1] != variant.dv:
+        raise ValueError(f"v: expected shape [{layout}, dv] = {(*q.shape[:-1], variant.dv)}, got {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -168,6 +214,31 @@ def _check_param(name, t, shape, device):
         raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name}: expected device {device} (that of q), got {t.device}")
+
+
+def _check_position(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected an int >= 0 (the position of the first token), got {value!r}")
+
+
+def _step_positions(position, batch, device):
+    """(positions [B] int64 or None, offset): per-row LRPE positions, or one int for every row."""
+    if not isinstance(position, torch.Tensor):
+        _check_position("position", position)
+        return None, position
+    if position.dtype.is_floating_point or position.dtype.is_complex or position.dtype == torch.bool:
+        raise TypeError(f"position: expected an integer tensor, got {position.dtype}")
+    if tuple(position.shape) != (batch,):
+        raise ValueError(f"position: expected an int or a tensor of shape [B] = [{batch}], got shape "
+                         f"{list(position.shape)}")
+    if position.device != device:
+        raise ValueError(f"position: expected device {device} (that of q), got {position.device}")
+    return position.to(torch.int64).contiguous(), 0
+
+
+def _state_shape(variant, batch, heads):
+    """[B, H, F, dv]: F = dk, or 2 dk under LRPE (the cos half, then the sin half)."""
+    return (batch, heads, variant.dk * (2 if variant.lrpe == "d" else 1), variant.dv)
 
 
 # ---- launching ------------------------------------------------------------------------------
@@ -211,8 +282,7 @@ def _launch(module, variant, kernel, q, tile_name, args, offset, segments, **fla
 
 
 def _state_like(variant, q):
-    features = variant.dk * (2 if variant.lrpe == "d" else 1)
-    return torch.empty(q.shape[0], q.shape[2], features, variant.dv, device=q.device, dtype=torch.float32)
+    return torch.empty(_state_shape(variant, q.shape[0], q.shape[2]), device=q.device, dtype=torch.float32)
 
 
 def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final, segments):
@@ -239,6 +309,26 @@ def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, 
             offset, segments, HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
     dtheta = (dth_q + dth_k).view(b, h, variant.dk).sum(0) if lrpe else None
     return dq, dk, dv, dtheta, dh0
+
+
+def _step_kernel(variant, q, k, v, state, log2_decay, theta, positions, offset):
+    """The decode step over grid (B*H, dv tiles); the state is updated in place."""
+    module = build.load(variant)
+    b, h, _ = q.shape
+    params = launch.params(variant, "step", q.dtype, 1, q.device)
+    o = torch.empty_like(v)
+    module.step[(b * h, variant.dv // params["BV"])](
+        q, k, v, o, state, log2_decay, theta, positions, h, variant.scale, offset,
+        DK=variant.dk, DV=variant.dv, BV=params["BV"], PER_ROW=positions is not None,
+        num_warps=params["num_warps"], num_stages=params["num_stages"])
+    return o
+
+
+def _step_reference(variant, q, k, v, state, log2_decay, theta, positions, offset):
+    o, new_state = reference.step(variant, q.float(), k.float(), v.float(), state, _slopes(log2_decay), theta,
+                                  offset if positions is None else positions)
+    state.copy_(new_state)
+    return o.to(v.dtype)
 
 
 def _slopes(log2_decay):

@@ -6,6 +6,7 @@ All functions take the public layout q, k [B, N, H, dk], v [B, N, H, dv] and ret
 
     quadratic  o = (scale f(q) f(k)^T  *  W) v            W[t, s] = lambda^|t-s| (masked s <= t if causal)
     recurrent  S_t = lambda S_{t-1} + f(k_t)^T v_t ;  o_t = scale f(q_t) S_t   (and a reverse scan if non-causal)
+    step       one token of `recurrent` per sequence (the decode step): q, k [B, H, dk], v [B, H, dv]
 Causal forms take an initial state S_{-1} and return the final state S_{N-1} on request; `offset` is
 the LRPE position of the first token.
 """
@@ -78,7 +79,11 @@ def features(variant: Variant, x: torch.Tensor, theta: torch.Tensor | None = Non
         return fx
     n = x.shape[1]
     t = torch.arange(offset, offset + n, device=x.device, dtype=theta.dtype)
-    angle = t[:, None, None] * theta  # [N, H, dk]
+    return _rotate(fx, t[:, None, None] * theta)  # angles [N, H, dk]
+
+
+def _rotate(fx, angle):
+    """LRPE-d: [fx cos(angle), fx sin(angle)] on the last dim."""
     return torch.cat([fx * torch.cos(angle), fx * torch.sin(angle)], dim=-1)
 
 
@@ -160,3 +165,17 @@ def recurrent(variant, q, k, v, slopes=None, theta=None, initial_state=None, off
         back, _ = scan(range(n - 1, -1, -1), False, torch.zeros_like(state))
         o = o + torch.stack(back[::-1], dim=1)
     return (o, final) if output_final_state else o
+
+
+def step(variant, q, k, v, state, slopes=None, theta=None, positions=0):
+    """One token per sequence: S' = lambda S + f(k)^T v, o = scale f(q) S'. Returns (o, S'); `state`
+    is left as it was. q, k [B, H, dk], v [B, H, dv], state [B, H, F, dv]; positions: the LRPE
+    position, an int for every row or a tensor [B] (one per row)."""
+    variant = as_variant(variant)
+    fq, fk = phi(variant, q) * variant.scale, phi(variant, k)
+    if variant.lrpe == "d":
+        t = torch.as_tensor(positions, device=q.device).to(theta.dtype).reshape(-1, 1, 1)  # [B or 1, 1, 1]
+        fq, fk = _rotate(fq, t * theta), _rotate(fk, t * theta)
+    lam = _decay_rates(variant, slopes, q.shape[1], fq.dtype, q.device)[None, :, None, None]
+    new_state = lam * state.to(fq.dtype) + fk[..., :, None] * v.to(fq.dtype)[..., None, :]
+    return torch.einsum("bhf,bhfv->bhv", fq, new_state), new_state

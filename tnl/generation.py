@@ -5,16 +5,16 @@ sin halves), kept in fp32:
     prefill, a chunk of C tokens from position p:   o = attn_intra(chunk) + lambda^(i+1) f(q_i) S
                                                      S <- lambda^C S + sum_i lambda^(C-1-i) f(k_i)^T v_i
     decode, one token at position p:                 S <- lambda S + f(k)^T v ;  o = f(q) S
-f(x) = LRPE(silu(x)) at absolute positions. Only powers lambda^j with j >= 0 appear, so nothing
-overflows at any length, and a new token costs the same time and memory whatever came before.
-LRPE only depends on position differences, so the intra-chunk kernel may count from 0.
+f(x) = LRPE(silu(x)) at absolute positions. Both run in lightgen: the chunk kernel with a state in
+and out, and its decode step kernel, which updates the state in place. Only powers lambda^j with
+j >= 0 appear, so nothing overflows at any length, and a new token costs the same time and memory
+whatever came before.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -28,28 +28,12 @@ class TNLCache:
         return cls(states=[None] * num_layers)
 
 
-def features(x, theta, positions):
-    """f(x) = silu(x), then LRPE-d [f cos(p theta), f sin(p theta)]; x [B, N, H, d], positions [N]."""
-    fx = F.silu(x.float())
-    if theta is None:
-        return fx
-    # angles in float64: positions reach 1e5 and more in long generations
-    angle = (positions.to(torch.float64)[:, None, None] * theta.detach().to(torch.float64)).float()
-    return torch.cat([fx * torch.cos(angle), fx * torch.sin(angle)], dim=-1)
+def recurrent_step(step, q, k, v, state, position: int):
+    """One token per sequence at `position`: q, k, v [B, H, d] raw projections -> (o [B, H, d] fp32, state).
 
-
-def recurrent_step(state, q, k, v, slopes, theta, position: int):
-    """One token: q, k, v [B, H, d] raw projections -> (o [B, H, d] fp32, new state).
-
-    The single place a fused decode kernel would replace."""
-    with torch.autocast(q.device.type, enabled=False):
-        pos = torch.tensor([position], device=q.device)
-        fq = features(q[:, None], theta, pos)[:, 0]
-        fk = features(k[:, None], theta, pos)[:, 0]
-        update = fk[..., :, None] * v.float()[..., None, :]
-        if state is not None:
-            update = torch.exp(-slopes.float())[None, :, None, None] * state + update
-        return torch.einsum("bhk,bhkv->bhv", fq, update), update
+    step(q, k, v, state, position=) is the layer's lightgen decode step (the fused kernel on a GPU or
+    under Triton's interpreter, lightgen's PyTorch reference elsewhere); it updates `state` in place."""
+    return step(q, k, v, state, position=position).float(), state
 
 
 def chunk_with_state(attend, q, k, v, state, start: int):

@@ -92,12 +92,19 @@ class GLA(nn.Module):
         return self
 
     def _attend(self, q, k, v, **states):
-        theta = self.theta
-        if isinstance(theta, DTensor):  # tensor parallel: the kernel takes this rank's heads as a plain tensor
-            theta = theta.to_local()
+        theta = self._local_theta()
         if self.sequence_parallel is not None and not states:
             return self.sequence_parallel(self.attn, q, k, v, slopes=self.slopes.float(), theta=theta)
         return self.attn(q, k, v, slopes=self.slopes.float(), theta=theta, **states)
+
+    def _step(self, q, k, v, state, position):
+        return self.attn.step(q, k, v, state, slopes=self.slopes.float(), theta=self._local_theta(), position=position)
+
+    def _local_theta(self):
+        theta = self.theta
+        if isinstance(theta, DTensor):  # tensor parallel: the kernel takes this rank's heads as a plain tensor
+            theta = theta.to_local()
+        return theta
 
     def forward(self, x, cache=None):
         """x [B, N, hidden]. With a cache (generation), carry this layer's state across calls."""
@@ -107,8 +114,10 @@ class GLA(nn.Module):
         if cache is None:
             o = self._attend(q, k, v)
         elif n == 1:
-            o, cache.states[self.layer] = recurrent_step(
-                cache.states[self.layer], q[:, 0], k[:, 0], v[:, 0], self.slopes, self.theta, cache.position)
+            state = cache.states[self.layer]
+            if state is None:  # a one-token prompt: decoding starts from the zero state
+                state = self.attn.new_state(b, q.shape[2], q.device)
+            o, cache.states[self.layer] = recurrent_step(self._step, q[:, 0], k[:, 0], v[:, 0], state, cache.position)
             o = o[:, None]
         else:
             o, cache.states[self.layer] = chunk_with_state(
