@@ -201,7 +201,7 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="search launch configs on the GPU (Optuna) and record the fastest",
                        description="Tune the launch configs (chunk C, head-dim tile, num_warps, num_stages) of the "
-                                   "variant's three kernels (fwd, bwd_dq, bwd_dkv) per dtype and sequence "
+                                   "variant's kernels (fwd, bwd_dq and the backward's two ways: bwd_dkv, or bwd_dk + bwd_dv) per dtype and sequence "
                                    "length with Optuna; each trial runs in a child process and must match the "
                                    "default config's output. The fastest config per key is recorded in the user "
                                    "store (--commit: the repo's tuned_configs/). Interrupted runs resume from the "
@@ -213,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seqlens", help="comma-separated sequence lengths, e.g. 1k,8k,64k "
                                      "(default 1k..64k in powers of two; 32,64 on the CPU)")
     t.add_argument("--dtypes", help="comma-separated: fp32, fp16, bf16 (default bf16,fp16; fp32 on the CPU)")
-    t.add_argument("--kernels", help="comma-separated subset of fwd,bwd_dq,bwd_dkv (default: all)")
+    t.add_argument("--kernels", help="comma-separated subset of fwd,bwd_dq,bwd_dkv,bwd_dk,bwd_dv (default: all)")
     t.add_argument("--tokens", type=int, help="B*N per measurement (default 65536; 128 on the CPU)")
     t.add_argument("--hidden", type=int, help="H*D per measurement (default 2048; 2*D on the CPU)")
     t.add_argument("--trials", type=int,

@@ -200,7 +200,7 @@ class _FileData:
     ok: bool = True                                   # False: whole file unreadable / wrong format
     entries: dict = field(default_factory=dict)       # ConfigKey -> value
     bad: list = field(default_factory=list)           # raw entries we could not parse, kept verbatim
-    groups: dict = field(default_factory=dict)        # key.group() -> {n_bucket: params}
+    groups: dict = field(default_factory=dict)        # key.group() -> {n_bucket: {"params", "ms", ...}}
     tritons: dict = field(default_factory=dict)       # group minus triton -> {triton versions}
 
 
@@ -229,7 +229,7 @@ def _parse(path: Path, blob: bytes) -> _FileData:
         _warn(f"tuned-config file {path}: skipped {len(data.bad)} unreadable entr"
               f"{'y' if len(data.bad) == 1 else 'ies'} (kept in the file untouched)")
     for key, value in data.entries.items():
-        data.groups.setdefault(key.group(), {})[key.n_bucket] = value["params"]
+        data.groups.setdefault(key.group(), {})[key.n_bucket] = value
         g = key.group()
         data.tritons.setdefault(g[:2] + g[3:], set()).add(key.triton)
     return data
@@ -310,6 +310,12 @@ def lookup(arch, gpu, triton, variant, kernel, dk, dv, dtype, n) -> dict | None:
     for longer sequences is the safer guess: more parallelism to hide). User entries override
     shipped ones on the same key. Entries for another Triton major.minor are ignored.
     """
+    entry = lookup_entry(arch, gpu, triton, variant, kernel, dk, dv, dtype, n)
+    return None if entry is None else dict(entry["params"])  # a copy: callers must not mutate the cache
+
+
+def lookup_entry(arch, gpu, triton, variant, kernel, dk, dv, dtype, n) -> dict | None:
+    """lookup's whole entry: {"params", "ms" (the tuned time), "trials", ...}; do not mutate it."""
     triton = _major_minor(triton)
     dtype = dtype_name(dtype)
     group = (arch, gpu, triton, variant, kernel, dk, dv, dtype)
@@ -325,8 +331,7 @@ def lookup(arch, gpu, triton, variant, kernel, dk, dv, dtype, n) -> dict | None:
         _warn_if_stale(loaded, group)
         return None
     want = n_bucket(n).bit_length()
-    best = min(buckets, key=lambda b: (abs(b.bit_length() - want), -b))
-    return dict(buckets[best])  # a copy: callers must not mutate the cache
+    return buckets[min(buckets, key=lambda b: (abs(b.bit_length() - want), -b))]
 
 
 def _warn_if_stale(loaded, group) -> None:

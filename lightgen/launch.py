@@ -52,6 +52,7 @@ def _step_heuristic(variant, interpreted: bool) -> dict:
 # ---- override (the tuner times one config through the normal launch path) --------------------
 
 _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lightgen_launch_override", default=None)
+_backward: contextvars.ContextVar[str | None] = contextvars.ContextVar("lightgen_backward_override", default=None)
 
 
 @contextlib.contextmanager
@@ -63,6 +64,44 @@ def override(params: dict):
         yield
     finally:
         _override.reset(token)
+
+
+@contextlib.contextmanager
+def backward(path: str):
+    """Within the block, every backward takes `path` ("fused" or "split", see BACKWARDS)."""
+    if path not in BACKWARDS:
+        raise ValueError(f"path={path!r}: expected one of {', '.join(BACKWARDS)}")
+    token = _backward.set(path)
+    try:
+        yield
+    finally:
+        _backward.reset(token)
+
+
+# ---- the backward's kernels --------------------------------------------------------------------
+
+# dk and dv come from one reverse sweep (fused: its state R is [F, dv-tile] and serves both) or
+# from two (split: bwd_dk holds R transposed and tiles dk, so nothing is summed across tiles, but
+# q, k, v, dO are read twice). Measured on H100: fused wins while R fits one program's registers.
+BACKWARDS = {"fused": ("bwd_dkv",), "split": ("bwd_dk", "bwd_dv")}
+
+
+def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> str:
+    """"fused" or "split": forced by `backward(...)`, else the faster by tuned times when every
+    kernel of both paths has a tuned entry, else the heuristic (fused while one dv tile covers dv)."""
+    forced = _backward.get()
+    if forced is not None:
+        return forced
+    if device.type == "cuda":
+        times = {}
+        for path, kernels in BACKWARDS.items():
+            entries = [configs.lookup_entry(*_lookup_args(variant, k, dtype, device), n) for k in kernels]
+            if all(e is not None and problem(e["params"], variant) is None for e in entries):
+                times[path] = sum(e["ms"] for e in entries)
+        if len(times) == len(BACKWARDS):
+            return min(times, key=times.get)
+    tile = heuristic(variant, "bwd_dkv", interpreted=device.type != "cuda")["BV"]
+    return "fused" if tile >= variant.dv else "split"
 
 
 # ---- validation of tuned entries -------------------------------------------------------------
@@ -113,7 +152,11 @@ def _lookup_args(variant, kernel, dtype, device) -> tuple:
 def params(variant, kernel: str, dtype: torch.dtype, n: int, device: torch.device) -> dict:
     forced = _override.get()
     if forced is not None:
-        return {**heuristic(variant, kernel, interpreted=device.type != "cuda"), **forced}
+        chosen = {**heuristic(variant, kernel, interpreted=device.type != "cuda"), **forced}
+        why = problem(chosen, variant)
+        if why is not None:
+            raise ValueError(f"launch.override: {why} ({kernel} of {variant})")
+        return chosen
     if device.type != "cuda":
         return heuristic(variant, kernel, interpreted=True)
     args = _lookup_args(variant, kernel, dtype, device)

@@ -259,7 +259,7 @@ class TileShares(NamedTuple):
 
 
 def _launch(module, variant, kernel, q, tile_name, args, offset, segments, **flags):
-    """One kernel over grid (B*H, tiles): its output's head dim ("BK": dk, "BV": dv) is tiled."""
+    """One kernel over B*H*tiles programs: its output's head dim ("BK": dk, "BV": dv) is tiled."""
     import triton.language as tl
 
     b, n, h, _ = q.shape
@@ -272,7 +272,7 @@ def _launch(module, variant, kernel, q, tile_name, args, offset, segments, **fla
     slices = iter(s for _, s in shares)
     args = [next(slices) if isinstance(a, TileShares) else a for a in args]
     dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[q.dtype]
-    getattr(module, kernel)[(b * h, tiles)](
+    getattr(module, kernel)[(b * h * tiles,)](
         *args, n, h, variant.scale, offset, segments, DK=variant.dk, DV=variant.dv, C=params["C"], DOT=dot,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=params["num_warps"], num_stages=params["num_stages"], **{tile_name: tile}, **flags)
@@ -302,11 +302,18 @@ def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, 
     dth_q = torch.empty(b * h, variant.dk, device=q.device, dtype=torch.float32) if lrpe else None
     dth_k = torch.empty_like(dth_q) if lrpe else None
     dh0 = _state_like(variant, q) if h0 is not None else None
+    states = dict(HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
     _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, h0, log2_decay, theta), offset, segments,
             HAS_INIT=h0 is not None)
-    _launch(module, variant, "bwd_dkv", q, "BV", (q, k, v, do, TileShares(dk), dv, dth_k if dth_k is None else TileShares(dth_k),
-                                                  dht, dh0, log2_decay, theta),
-            offset, segments, HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
+    if launch.backward_path(variant, q.dtype, n, q.device) == "fused":
+        _launch(module, variant, "bwd_dkv", q, "BV", (q, k, v, do, TileShares(dk), dv,
+                                                      dth_k if dth_k is None else TileShares(dth_k),
+                                                      dht, dh0, log2_decay, theta), offset, segments, **states)
+    else:
+        _launch(module, variant, "bwd_dk", q, "BK", (q, k, v, do, dk, dth_k, dht, log2_decay, theta), offset,
+                segments, HAS_INIT=dht is not None)
+        _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log2_decay, theta), offset,
+                segments, **states)
     dtheta = (dth_q + dth_k).view(b, h, variant.dk).sum(0) if lrpe else None
     return dq, dk, dv, dtheta, dh0
 

@@ -1,7 +1,8 @@
 """Optuna search over the kernels' launch space, measured on the GPU (`lightgen tune SPEC`).
 
-One study per (kernel, dtype, sequence length): kernel is one of fwd, bwd_dq, bwd_dkv, and the
-space is the chunk C, the output tile (BV for fwd and bwd_dkv, BK for bwd_dq), num_warps
+One study per (kernel, dtype, sequence length): kernel is one of fwd, bwd_dq, bwd_dkv,
+bwd_dk, bwd_dv (launch.BACKWARDS: ops takes the faster backward by the recorded times), and the
+space is the chunk C, the output tile (BV for fwd, bwd_dkv and bwd_dv, BK for bwd_dq and bwd_dk), num_warps
 and num_stages. A trial times ONE kernel launch (median of triton.testing.do_bench) on inputs of
 B = tokens // N sequences and H = hidden // D heads. The best config per study goes to the
 tuned-config store (lightgen.configs.record), where launch.params finds it at call time.
@@ -32,8 +33,8 @@ import torch
 from . import configs, launch, render
 from .spec import as_variant
 
-KERNELS = ("fwd", "bwd_dq", "bwd_dkv")
-TILE = {"fwd": "BV", "bwd_dq": "BK", "bwd_dkv": "BV"}  # the head dim each kernel's grid tiles
+KERNELS = ("fwd", "bwd_dq", "bwd_dkv", "bwd_dk", "bwd_dv")
+TILE = {"fwd": "BV", "bwd_dq": "BK", "bwd_dkv": "BV", "bwd_dk": "BK", "bwd_dv": "BV"}  # the head dim each kernel's grid tiles
 SEQLENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 # measured on H100 (Triton 3.6): 128-token chunks run out of shared memory at D = 128 and never won at
 # D = 64; 2 warps and 1 stage were never close
@@ -404,9 +405,11 @@ class _Case:
         real = ops._launch
         ops._launch = lambda *a, **kw: calls.setdefault(a[2], (a, kw))  # a[2]: the kernel's name
         try:
-            leaves = [t.detach().requires_grad_() for t in (self.q, self.k, self.v)]
-            extra = {"slopes": self.slopes} if self.slopes is not None else {}
-            self.attn(*leaves, theta=self.theta, **extra).backward(self.do)
+            for path in launch.BACKWARDS:  # the backward's two ways: tune the kernels of both
+                with launch.backward(path):
+                    leaves = [t.detach().requires_grad_() for t in (self.q, self.k, self.v)]
+                    extra = {"slopes": self.slopes} if self.slopes is not None else {}
+                    self.attn(*leaves, theta=self.theta, **extra).backward(self.do)
         finally:
             ops._launch = real
         missing = [k for k in KERNELS if k not in calls]

@@ -57,6 +57,21 @@ def test_sequence_splitting(spec, segments, monkeypatch):
     check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=True, offset=3)
 
 
+@pytest.mark.parametrize("tile", [16, None])
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32",
+                                  "decay=none,noncausal,lrpe=d,phi=elu+1,dk=32,dv=16"])
+def test_backward_paths(spec, path, tile):
+    """dk, dv (and dtheta, state gradients) from one fused sweep or two, with one or several output tiles
+    (several: the fused sweep's dk shares are summed across dv tiles)."""
+    from lightgen import launch
+
+    states = "noncausal" not in spec
+    with launch.backward(path), launch.override({"BK": tile, "BV": tile} if tile else {}):
+        check_variant(lightgen.Variant.parse(spec), b=2, n=45, h=2, dtype=DTYPES[0], device=DEVICE,
+                      states=states, offset=3 if states else 0)
+
+
 def test_state_passing_equals_one_call():
     """Chunked prefill: two calls handing the state over equal one call over the whole sequence."""
     attn = lightgen.compile("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16")

@@ -133,7 +133,7 @@ def test_dry_run_records_and_resumes(tmp_path, optuna, monkeypatch):
     from lightgen import tune
 
     results = dry_run(tmp_path)
-    assert len(results) == 6  # 3 kernels x 2 seqlens x 1 dtype
+    assert len(results) == 10  # 5 kernels x 2 seqlens x 1 dtype
     variant = Variant.parse(SPEC)
     for r in results:
         assert "error" not in r, r
