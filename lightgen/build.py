@@ -1,8 +1,8 @@
 """Generated kernel files: write once per source key into the cache folder, import from there.
 
 Triton needs @triton.jit functions to live in real .py files, so each variant's rendered module is
-written to  <cache>/<slug>_<key>.py  where key hashes the variant, the template sources and
-lightgen's version (see render.source_key). The first line holds a checksum of the rest, so a
+written to  <cache>/<slug>_<key>.py  where key hashes the rendered source itself (variant, templates
+and lightgen's version all shape it; see render.source_key). The first line holds a checksum of the rest, so a
 truncated or edited file is re-rendered rather than imported.
 
 Cache folder: $LIGHTGEN_CACHE_DIR, else $XDG_CACHE_HOME/lightgen/kernels, else ~/.cache/lightgen/kernels.

@@ -24,12 +24,18 @@ def template_dir() -> Path:
 
 
 def source_key(variant: Variant, templates: Path | None = None) -> str:
-    """Hash of everything that shapes the generated file: variant, template sources, lightgen version."""
+    """Hash of the generated source itself: it names the cached file and keys tuned launch configs,
+    so a template edit that leaves a variant's kernels as they were keeps their tuned entries."""
     templates = templates or template_dir()
-    h = hashlib.sha256(f"{__version__}\n{variant.hash}\n{variant.canonical()}\n".encode())
+    digest = hashlib.sha256()
     for path in sorted(templates.glob("*.j2")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:20]
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return _rendered_key(variant, str(templates), digest.hexdigest())
+
+
+@functools.lru_cache(maxsize=512)
+def _rendered_key(variant: Variant, templates: str, templates_digest: str) -> str:
+    return hashlib.sha256(render(variant, Path(templates)).encode()).hexdigest()[:20]
 
 
 def render(variant: Variant, templates: Path | None = None) -> str:
@@ -76,7 +82,7 @@ def render(variant: Variant, templates: Path | None = None) -> str:
         return f"{base} + {rows}[None, :] * DV + {spec['v_cols']}[:, None]"
 
     return env.get_template(MAIN_TEMPLATE).render(
-        variant=variant, key=source_key(variant, templates), version=__version__, feats=feats,
+        variant=variant, version=__version__, feats=feats,
         decay=variant.decay != "none", lrpe=lrpe,
         state_rows="2 * DK" if lrpe else "DK", state_ptrs=state_ptrs,
         parts=parts, features=features, scaled=scaled, masked=masked, chain=chain, store=store,
