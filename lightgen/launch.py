@@ -13,7 +13,6 @@ Order of precedence in params():
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import warnings
 
 import torch
@@ -51,31 +50,32 @@ def _step_heuristic(variant, interpreted: bool) -> dict:
 
 # ---- override (the tuner times one config through the normal launch path) --------------------
 
-_override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lightgen_launch_override", default=None)
-_backward: contextvars.ContextVar[str | None] = contextvars.ContextVar("lightgen_backward_override", default=None)
+# Process-wide, not context-local: autograd runs CUDA backwards on its own threads, which a
+# context variable would not reach. Meant for the tuner and tests, one block at a time.
+_forced: dict = {"params": None, "backward": None}
 
 
 @contextlib.contextmanager
-def override(params: dict):
-    """Within the block, every launch uses `params` (missing names: the heuristic's) and nothing is
-    looked up. Context-local, so other threads and tasks are unaffected."""
-    token = _override.set(dict(params))
+def _forcing(name, value):
+    before = _forced[name]
+    _forced[name] = value
     try:
         yield
     finally:
-        _override.reset(token)
+        _forced[name] = before
 
 
-@contextlib.contextmanager
+def override(params: dict):
+    """Within the block, every launch uses `params` (missing names: the heuristic's) and nothing is
+    looked up."""
+    return _forcing("params", dict(params))
+
+
 def backward(path: str):
     """Within the block, every backward takes `path` ("fused" or "split", see BACKWARDS)."""
     if path not in BACKWARDS:
         raise ValueError(f"path={path!r}: expected one of {', '.join(BACKWARDS)}")
-    token = _backward.set(path)
-    try:
-        yield
-    finally:
-        _backward.reset(token)
+    return _forcing("backward", path)
 
 
 # ---- the backward's kernels --------------------------------------------------------------------
@@ -89,7 +89,7 @@ BACKWARDS = {"fused": ("bwd_dkv",), "split": ("bwd_dk", "bwd_dv")}
 def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> str:
     """"fused" or "split": forced by `backward(...)`, else the faster by tuned times when every
     kernel of both paths has a tuned entry, else the heuristic (fused while one dv tile covers dv)."""
-    forced = _backward.get()
+    forced = _forced["backward"]
     if forced is not None:
         return forced
     if device.type == "cuda":
@@ -150,7 +150,7 @@ def _lookup_args(variant, kernel, dtype, device) -> tuple:
 
 
 def params(variant, kernel: str, dtype: torch.dtype, n: int, device: torch.device) -> dict:
-    forced = _override.get()
+    forced = _forced["params"]
     if forced is not None:
         chosen = {**heuristic(variant, kernel, interpreted=device.type != "cuda"), **forced}
         why = problem(chosen, variant)
