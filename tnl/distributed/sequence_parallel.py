@@ -94,7 +94,8 @@ def incoming_state(states: torch.Tensor, rank: int, lam: torch.Tensor, chunk: in
     j = torch.arange(states.shape[0], device=states.device)
     hops = (rank - 1 - j).clamp_min(0).to(torch.float32)
     weights = lam[None, :] ** (chunk * hops[:, None]) * (j < rank)[:, None]  # [P, H]
-    return torch.einsum("ph,pbhfv->bhfv", weights, states)
+    with torch.autocast(states.device.type, enabled=False):  # states are fp32: keep them so under bf16 autocast
+        return torch.einsum("ph,pbhfv->bhfv", weights.float(), states.float())
 
 
 def _state_contribution(variant, q, theta, lam, state, offset: int):
