@@ -18,7 +18,7 @@ def _setup(spec, b, n, h, dtype, seed=0):
     """The compiled variant, inputs [B, N, H, D] and a random initial state [B, H, F, dv] fp32."""
     attn = lightgen.compile(spec)
     variant = attn.variant
-    q, k, v, _, slopes, theta = random_inputs(variant, b, n, h, dtype, DEVICE, seed)
+    q, k, v, _, slopes, theta, _ = random_inputs(variant, b, n, h, dtype, DEVICE, seed)
     g = torch.Generator().manual_seed(seed + 1)
     h0 = (torch.randn(attn.new_state(b, h).shape, generator=g) * 0.3).to(DEVICE)
     return attn, q, k, v, slopes, theta, h0
