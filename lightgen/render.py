@@ -69,7 +69,9 @@ def render(variant: Variant, templates: Path | None = None) -> str:
         """decay=scalar: this kernel's part of dL/dG_t per row, G_t the cumulative log decay:
         +-f(x).df(x), df(x) = the gradient of the features as they enter the products (factor * out)."""
         dots = " + ".join(f"tl.sum({p} * out_{s}, axis=1)" for p, s in zip(parts(x), parts(source)))
-        return [f"dG = {factor}({dots})", "tl.store(dg_ptr + rows * H, dG, mask=mask)"]
+        sign = "minus " if factor.startswith("-") else ""
+        return [f"# this kernel's part of dL/dG (G the cumulative log decay): {sign}f({x}) . df({x}) per row",
+                f"dG = {factor}({dots})", "tl.store(dg_ptr + rows * H, dG, mask=mask)"]
 
     def store(ptr, row_stride, cols, value, tensor, accumulate):
         lines = [f"offs = {ptr} + rows[:, None] * {row_stride} + {cols}[None, :]"]

@@ -110,8 +110,8 @@ def test_a_million_tokens_in_bf16(decay):
     q, k = (torch.randn(1, n, h, 64, device=DEVICE, generator=gen).mul(64 ** -0.25).bfloat16() for _ in range(2))
     v, do = (torch.randn(1, n, h, 64, device=DEVICE, generator=gen).bfloat16() for _ in range(2))
     slopes = torch.tensor(lightgen.tnl_slopes(h), device=DEVICE) if decay == "constant" else None
-    g = -torch.tensor(lightgen.tnl_slopes(h), device=DEVICE) * torch.randn(1, n, h, device=DEVICE, generator=gen).exp() \
-        if decay == "scalar" else None  # verify.random_log_decays on the GPU: G_N is about -5e4
+    g = verify.random_log_decays(1, n, h, torch.Generator().manual_seed(0)).to(DEVICE) \
+        if decay == "scalar" else None  # G_N is about -5e4
     leaves = [t.requires_grad_() for t in (q, k, v, *([g] if g is not None else []))]
     o, final = attn(q, k, v, slopes=slopes, g=g, output_final_state=True)
     grads = torch.autograd.grad((o, final), leaves, (do, torch.ones_like(final)))
