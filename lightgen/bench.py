@@ -3,14 +3,15 @@
 Contenders (each skipped with a note when not installed, never faked):
   lightgen        the compiled variant                              layout [B, N, H, D]
   fla             fla-core chunk_simple_gla(g_gamma=-slopes)        layout [B, N, H, D]
+                  (decay=scalar: chunk_simple_gla(g=g), the same math with identity phi)
   lightning_attn  OpenNLPLab lightning_attn_func(q, k, v, slopes)   layout [B, H, N, D]
   sdpa            torch SDPA causal (FlashAttention-2 backend)      layout [B, H, N, D]
-Peers compute constant-decay causal attention with identity phi; for other variants they are a
-yardstick of the field, not the same math. Floor: bytes moved once (fwd reads q, k, v and writes o;
+Peers compute constant-decay causal attention with identity phi (fla: per-token decay g for
+decay=scalar); for other variants they are a yardstick of the field, not the same math. Floor: bytes moved once (fwd reads q, k, v and writes o;
 bwd reads q, k, v, dO and writes dq, dk, dv) at the measured device copy bandwidth.
 
 decode(): one decode step for B sequences (`lightgen bench SPEC --decode`): lightgen's step kernel
-against fla-core's fused_recurrent_simple_gla with one token, and the floor of reading and writing
+against fla-core's fused_recurrent_simple_gla with one token (g_gamma, or g for decay=scalar), and the floor of reading and writing
 the fp32 state once (plus q, k, v, o).
 """
 from __future__ import annotations
@@ -44,13 +45,22 @@ def _time(fn, grad_of=None, do=None):
     return do_bench(step, warmup=10, rep=60, return_mode="median", grad_to_none=grad_of)
 
 
-def contenders(attn, slopes, theta):
-    """name -> (function of [B,N,H,D] q, k, v returning o, whether it wants [B,H,N,D])."""
-    out = {"lightgen": (lambda q, k, v: attn(q, k, v, slopes=slopes if attn.variant.decay == "constant" else None,
-                                             theta=theta), False)}
+def _decays(variant, slopes, g):
+    """(lightgen's, fla's) decay keyword arguments: slopes / g_gamma, or g [B, N, H] for decay=scalar."""
+    if variant.decay == "scalar":
+        return {"g": g}, {"g": g}
+    return ({"slopes": slopes} if variant.decay == "constant" else {}), ({} if slopes is None else {"g_gamma": -slopes})
+
+
+def contenders(attn, slopes, theta, g=None):
+    """name -> (function of [B,N,H,D] q, k, v returning o, whether it wants [B,H,N,D]). g: the log
+    decays [B, N, H] of decay=scalar."""
+    ours, theirs = _decays(attn.variant, slopes, g)
+    out = {"lightgen": (lambda q, k, v: attn(q, k, v, theta=theta, **ours), False)}
     try:
         from fla.ops.simple_gla import chunk_simple_gla
-        out["fla"] = (lambda q, k, v: chunk_simple_gla(q, k, v, g_gamma=-slopes, scale=1.0)[0], False)
+        scale = attn.variant.scale
+        out["fla"] = (lambda q, k, v: chunk_simple_gla(q, k, v, scale=scale, **theirs)[0], False)
     except Exception as err:  # noqa: BLE001 - report any import failure as a skip
         print(f"note: fla-core not available ({type(err).__name__}: {err}); skipped")
     try:
@@ -74,6 +84,7 @@ def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384,
         dtype=torch.bfloat16, out_dir=None, only=None) -> dict:
     from .ops import compile as compile_variant
     from .spec import tnl_slopes
+    from .verify import random_log_decays
 
     attn = compile_variant(spec)
     variant = attn.variant
@@ -97,7 +108,10 @@ def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384,
         g = torch.Generator(device="cuda").manual_seed(0)
         base = [torch.randn(b, n, heads, d, device="cuda", dtype=dtype, generator=g) * d ** -0.25 for _ in range(3)]
         do = torch.randn(b, n, heads, d, device="cuda", dtype=dtype, generator=g)
-        for name, (fn, head_first) in contenders(attn, slopes, theta).items():
+        # decay=scalar: g gets a gradient in every contender that takes it
+        log_decays = random_log_decays(b, n, heads, torch.Generator().manual_seed(0)).cuda().requires_grad_() \
+            if variant.decay == "scalar" else None
+        for name, (fn, head_first) in contenders(attn, slopes, theta, log_decays).items():
             if only and name not in only:
                 continue
             if name == "sdpa" and n > 16384:
@@ -107,7 +121,8 @@ def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384,
             q, k, v = (tr(t).requires_grad_() for t in base)
             try:
                 f = _time(lambda: fn(q, k, v))
-                fb = _time(lambda: fn(q, k, v), grad_of=[q, k, v], do=tr(do))
+                fb = _time(lambda: fn(q, k, v), grad_of=[q, k, v] + ([log_decays] if log_decays is not None else []),
+                           do=tr(do))
                 row[name] = {"fwd_ms": f, "fwdbwd_ms": fb}
             except Exception as err:  # noqa: BLE001 - a peer failing at one shape is a result, not a crash
                 row[name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
@@ -134,7 +149,7 @@ def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only
     from . import launch
     from .ops import compile as compile_variant
     from .spec import tnl_slopes
-    from .verify import rel_err
+    from .verify import random_log_decays, rel_err
 
     attn = compile_variant(spec)
     variant = attn.variant
@@ -147,7 +162,10 @@ def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only
             for _ in range(2))
     v = torch.randn(batch, heads, variant.dv, device="cuda", generator=g).to(dtype)
     state = attn.new_state(batch, heads, "cuda").normal_(generator=g).mul_(0.1)
-    slopes = torch.tensor(tnl_slopes(heads), device="cuda") if variant.decay == "constant" else None
+    slopes = torch.tensor(tnl_slopes(heads), device="cuda") if variant.decay != "none" else None
+    g = random_log_decays(batch, 1, heads, torch.Generator().manual_seed(0))[:, 0].cuda() \
+        if variant.decay == "scalar" else None  # the token's log decays [B, H]
+    ours_decay, fla_decay = _decays(variant, slopes, g)
     theta = _theta(variant, heads)
     nbytes = torch.finfo(dtype).bits // 8
     floor_bytes = 2 * state.numel() * 4 + batch * heads * (2 * variant.dk + 2 * variant.dv) * nbytes
@@ -158,15 +176,15 @@ def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only
           f"state {list(state.shape)} fp32 ({result['state_MB']:.1f} MB); floor {result['floor_ms'] * 1e3:.1f} us")
 
     def ours():
-        return attn.step(q, k, v, state, slopes=slopes, theta=theta, position=position)
+        return attn.step(q, k, v, state, theta=theta, position=position, **ours_decay)
 
     contenders = {"lightgen": ours}
-    if variant.decay != "constant":
+    if variant.decay == "none":
         print("note: fla's fused_recurrent_simple_gla needs a decay; skipped")
     else:
         try:
             from fla.ops.simple_gla import fused_recurrent_simple_gla
-            contenders["fla"] = _fla_step(fused_recurrent_simple_gla, q, k, v, -slopes, variant.scale, variant.dk)
+            contenders["fla"] = _fla_step(fused_recurrent_simple_gla, q, k, v, fla_decay, variant.scale, variant.dk)
             if variant.lrpe == "d" or variant.phi_expr != "x":
                 print("note: fla computes identity phi without LRPE (a state of F = dk rows): a yardstick here, "
                       "not the same math")
@@ -188,8 +206,8 @@ def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only
     if "ms" in result.get("fla", {}) and variant.lrpe == "none" and variant.phi_expr == "x":
         with torch.no_grad():  # the same math: one step from the same state must agree
             start = state.clone()
-            ours_o = attn.step(q, k, v, start.clone(), slopes=slopes)
-            fla_o = _fla_step(fused_recurrent_simple_gla, q, k, v, -slopes, variant.scale, variant.dk, start)()
+            ours_o = attn.step(q, k, v, start.clone(), **ours_decay)
+            fla_o = _fla_step(fused_recurrent_simple_gla, q, k, v, fla_decay, variant.scale, variant.dk, start)()
         result["fla_rel_diff"] = rel_err(ours_o, fla_o)
         print(f"  lightgen vs fla output, one step from the same state: relative difference {result['fla_rel_diff']:.1e}")
     if sweep:
@@ -215,14 +233,16 @@ def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only
     return result
 
 
-def _fla_step(fused_recurrent_simple_gla, q, k, v, g_gamma, scale, dk, initial_state=None):
-    """fla-core's recurrent kernel on one token ([B, 1, H, D]) from a fresh fp32 state [B, H, dk, dv]."""
+def _fla_step(fused_recurrent_simple_gla, q, k, v, decay, scale, dk, initial_state=None):
+    """fla-core's recurrent kernel on one token ([B, 1, H, D]) from a fresh fp32 state [B, H, dk, dv];
+    decay: {"g_gamma": [H]} or {"g": [B, H]} (one token's log decays)."""
     q, k, v = (t[:, None] for t in (q, k, v))
+    decay = {name: t[:, None] if name == "g" else t for name, t in decay.items()}
     if initial_state is None:
         initial_state = torch.zeros(q.shape[0], q.shape[2], dk, v.shape[-1], device=q.device, dtype=torch.float32)
 
     def step():
-        return fused_recurrent_simple_gla(q, k, v, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
+        return fused_recurrent_simple_gla(q, k, v, **decay, scale=scale, initial_state=initial_state,
                                           output_final_state=True)[0][:, 0]
     return step
 

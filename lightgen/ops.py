@@ -1,4 +1,4 @@
-"""The public call: lightgen.compile(variant) -> attn(q, k, v, slopes=None, theta=None).
+"""The public call: lightgen.compile(variant) -> attn(q, k, v, slopes=None, theta=None, g=None).
 
 Each variant becomes two torch.library custom ops, lightgen::attn_<hash> and its backward, so
 torch.compile(fullgraph=True) sees one opaque node per call and autograd gets the fused backward.
@@ -28,10 +28,10 @@ _LN2 = math.log(2.0)
 
 
 class LinearAttention:
-    """A compiled variant. Call as attn(q, k, v, slopes=None, theta=None) -> o.
+    """A compiled variant. Call as attn(q, k, v, slopes=None, theta=None, g=None) -> o.
 
     attn(..., initial_state=S0, output_final_state=True, offset=t0) -> (o, S_final) for causal
-    variants: S_t = lambda S_{t-1} + f(k_t)^T v_t, o_t = scale f(q_t) S_t, states [B, H, F, dv] in fp32
+    variants: S_t = lambda_t S_{t-1} + f(k_t)^T v_t, o_t = scale f(q_t) S_t, states [B, H, F, dv] in fp32
     with F = dk (2 dk under LRPE: the cos half, then the sin half); both get gradients. offset is the
     LRPE position of the first token (chunked prefill, sequence parallelism).
     attn.step(q, k, v, state, position=t) -> o: one decode token per sequence, the state updated in place.
@@ -40,6 +40,9 @@ class LinearAttention:
       q, k   [B, N, H, dk]        v -> o  [B, N, H, dv]        fp32, fp16 or bf16 (all the same)
       slopes [H]      decay=constant only: lambda_h = exp(-slopes[h]); TransNormerLLM's when omitted;
                       fixed (no gradient)
+      g [B, N, H]     decay=scalar only, required: lambda_t = exp(g[b, t, h]), the log decay per token and
+                      head (Mamba2 / simple GLA); any float dtype, used in fp32; learnable (gets dg).
+                      Any real g works; g <= 0 keeps the states bounded
       theta  [H, dk]  lrpe=d only, required; learnable (the backward returns its gradient)
     Any N; accumulation in fp32. Non-contiguous inputs are copied to contiguous ones.
     """
@@ -63,11 +66,12 @@ class LinearAttention:
     def source(self) -> str:
         return self.source_path.read_text()
 
-    def __call__(self, q, k, v, slopes=None, theta=None, initial_state=None, output_final_state=False, offset=0):
+    def __call__(self, q, k, v, slopes=None, theta=None, initial_state=None, output_final_state=False, offset=0,
+                 g=None):
         variant = self.variant
         _check_inputs(variant, q, k, v)
         heads = q.shape[2]
-        log2_decay, theta = self._decay_and_theta(slopes, theta, heads, q.device)
+        log2_decay, theta = self._decay_and_theta(slopes, g, theta, q.shape[:3], "B, N, H", q.device)
         if (initial_state is not None or output_final_state) and not variant.causal:
             raise ValueError("initial_state, output_final_state: states exist only for causal variants")
         if initial_state is not None:
@@ -83,10 +87,11 @@ class LinearAttention:
                                            bool(output_final_state), 1)
         return (o, final_state) if output_final_state else o
 
-    def step(self, q, k, v, state, slopes=None, theta=None, position=0):
+    def step(self, q, k, v, state, slopes=None, theta=None, position=0, g=None):
         """One decode token per sequence (causal variants): S <- lambda S + f(k)^T v, o = scale f(q) S.
 
-        q, k [B, H, dk], v [B, H, dv] -> o [B, H, dv] in v's dtype. state [B, H, F, dv] fp32,
+        q, k [B, H, dk], v [B, H, dv] -> o [B, H, dv] in v's dtype; g [B, H] the token's log decay
+        (decay=scalar: lambda = exp(g)). state [B, H, F, dv] fp32,
         contiguous, is updated IN PLACE (read once, written once: the memory floor of decoding);
         it is the state that attn(..., output_final_state=True) returns. position: the LRPE position
         of the token, an int for every sequence or an integer tensor [B] (one per sequence; its values
@@ -99,11 +104,11 @@ class LinearAttention:
         _check_inputs(variant, q, k, v, layout="B, H")
         batch, heads = q.shape[:2]
         if torch.is_grad_enabled():
-            for name, t in (("q", q), ("k", k), ("v", v), ("state", state), ("theta", theta)):
+            for name, t in (("q", q), ("k", k), ("v", v), ("state", state), ("theta", theta), ("g", g)):
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     raise ValueError(f"{name}: requires grad, but the decode step is inference only (it has no "
                                      f"backward); call it under torch.no_grad() or pass {name}.detach()")
-        log2_decay, theta = self._decay_and_theta(slopes, theta, heads, q.device)
+        log2_decay, theta = self._decay_and_theta(slopes, g, theta, q.shape[:2], "B, H", q.device)
         _check_param("state", state, _state_shape(variant, batch, heads), q.device)
         if state.dtype != torch.float32:
             raise TypeError(f"state: expected float32 (it is updated in place), got {state.dtype}")
@@ -120,9 +125,11 @@ class LinearAttention:
         """A zero state [B, H, F, dv] fp32 for step (F = dk, or 2 dk under LRPE)."""
         return torch.zeros(_state_shape(self.variant, batch, heads), dtype=torch.float32, device=device)
 
-    def _decay_and_theta(self, slopes, theta, heads, device):
-        """Checked kernel inputs: log2 of the decay rates [H] (None without decay), theta [H, dk] fp32."""
+    def _decay_and_theta(self, slopes, g, theta, shape, layout, device):
+        """Checked kernel inputs: log2 of the decay rates, [H] (decay=constant) or per token `shape`
+        (decay=scalar: [B, N, H], a step's [B, H]), None without decay; theta [H, dk] fp32."""
         variant = self.variant
+        heads = shape[-1]
         log2_decay = None
         if variant.decay == "constant":
             if slopes is None:
@@ -135,7 +142,16 @@ class LinearAttention:
                 raise ValueError("slopes: the decay rates are fixed and get no gradient; pass slopes.detach()")
             log2_decay = (slopes.to(torch.float32) * (-1.0 / _LN2)).contiguous()
         elif slopes is not None:
-            raise ValueError(f"slopes: variant has decay={variant.decay}, which takes no slopes")
+            raise ValueError(f"slopes: variant has decay={variant.decay}, which takes no slopes"
+                             + (" (it takes g, a log decay per token and head)" if variant.decay == "scalar" else ""))
+        if variant.decay == "scalar":
+            if g is None:
+                raise ValueError(f"g: variant has decay=scalar, which needs g of shape [{layout}] = {list(shape)}, "
+                                 f"the log decay per token and head")
+            _check_param("g", g, shape, device)
+            log2_decay = (g.to(torch.float32) * (1.0 / _LN2)).contiguous()  # differentiable: dg flows back
+        elif g is not None:
+            raise ValueError(f"g: variant has decay={variant.decay}, which takes no g (per-token decays are decay=scalar)")
         if variant.lrpe == "d":
             if theta is None:
                 raise ValueError(f"theta: variant has lrpe=d, which needs theta of shape [H, dk] = [{heads}, {variant.dk}]")
@@ -149,22 +165,32 @@ class LinearAttention:
         """Sequence splitting for long N and few heads: the sequence becomes `segments` pieces of a
         larger batch, so that more programs run. Pass 1 gets each piece's own final state, a tiny
         decayed prefix sum over pieces gives each piece its incoming state, pass 2 computes the
-        outputs from it. Autograd carries the backward through both passes (also split)."""
+        outputs from it. Autograd carries the backward through both passes (also split), and under
+        decay=scalar through the pieces' decays to g."""
         b, n, h, _ = q.shape
         piece = n // segments
         as_pieces = [t.view(b * segments, piece, h, t.shape[-1]) for t in (q, k, v)]
-        _, own = self._forward(*as_pieces, log2_decay, theta, None, offset, True, segments)
+        scalar = self.variant.decay == "scalar"
+        kernel_decay = log2_decay.view(b * segments, piece, h) if scalar else log2_decay
+        _, own = self._forward(*as_pieces, kernel_decay, theta, None, offset, True, segments)
         own = own.view(b, segments, *own.shape[1:])  # [B, P, H, F, dv]
-        # incoming[p] = sum over j < p of lambda^(piece (p-1-j)) own[j]  (+ lambda^(piece p) initial)
+        # log2 decay over each piece [B, P, H], then (in float64: no cancellation) from the sequence's
+        # start to each piece's start and end
+        if scalar:
+            per_piece = log2_decay.view(b, segments, piece, h).double().sum(2)
+        else:
+            ld = log2_decay if log2_decay is not None else torch.zeros(h, device=q.device)
+            per_piece = (ld.double() * piece).expand(b, segments, h)
+        ends = per_piece.cumsum(1)
+        starts = ends - per_piece
+        # incoming[p] = sum over j < p of 2^(starts[p] - ends[j]) own[j]  (+ 2^starts[p] initial)
         p = torch.arange(segments, device=q.device)
-        hops = (p[:, None] - 1 - p[None, :]).clamp_min(0).to(torch.float32)
-        ld = log2_decay if log2_decay is not None else torch.zeros(h, device=q.device)
-        weights = torch.exp2(ld[:, None, None] * piece * hops) * (p[:, None] > p[None, :])  # [H, P, P]
-        incoming = torch.einsum("hpj,bjhfv->bphfv", weights, own)
+        earlier = (p[:, None] > p[None, :])[None, :, :, None]  # masked before exp2: the rest could overflow
+        weights = torch.where(earlier, starts[:, :, None] - ends[:, None], -torch.inf).exp2().float()  # [B, P, P, H]
+        incoming = torch.einsum("bpjh,bjhfv->bphfv", weights, own)
         if initial_state is not None:
-            incoming = incoming + torch.exp2(ld[None, :, None, None] * piece * p[:, None, None, None]) \
-                * initial_state[:, None]
-        o, last = self._forward(*as_pieces, log2_decay, theta, incoming.reshape(b * segments, *own.shape[2:]),
+            incoming = incoming + starts.exp2().float()[..., None, None] * initial_state[:, None]
+        o, last = self._forward(*as_pieces, kernel_decay, theta, incoming.reshape(b * segments, *own.shape[2:]),
                                 offset, True, segments)
         return o.view(b, n, h, v.shape[-1]), last.view(b, segments, *last.shape[1:])[:, -1]
 
@@ -294,7 +320,7 @@ def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final, seg
     return o, ht
 
 
-def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, segments):
+def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offset, segments):
     module = build.load(variant)
     b, n, h, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -302,20 +328,35 @@ def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, 
     dth_q = torch.empty(b * h, variant.dk, device=q.device, dtype=torch.float32) if lrpe else None
     dth_k = torch.empty_like(dth_q) if lrpe else None
     dh0 = _state_like(variant, q) if h0 is not None else None
+    # decay=scalar: the dq and dk kernels each write their part of dL/dG [B, N, H] (G the cumulative log decay)
+    scalar = variant.decay == "scalar"
+    dG_q, dG_k = (torch.empty(b, n, h, device=q.device, dtype=torch.float32) for _ in range(2)) if scalar else (None, None)
+    gate_q, gate_k = ((TileShares(dG_q),), (TileShares(dG_k),)) if scalar else ((), ())
     states = dict(HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
-    _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, h0, log2_decay, theta), offset, segments,
-            HAS_INIT=h0 is not None)
+    _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, *gate_q, h0, log2_decay, theta), offset,
+            segments, HAS_INIT=h0 is not None)
     if launch.backward_path(variant, q.dtype, n, q.device) == "fused":
         _launch(module, variant, "bwd_dkv", q, "BV", (q, k, v, do, TileShares(dk), dv,
-                                                      dth_k if dth_k is None else TileShares(dth_k),
+                                                      dth_k if dth_k is None else TileShares(dth_k), *gate_k,
                                                       dht, dh0, log2_decay, theta), offset, segments, **states)
     else:
-        _launch(module, variant, "bwd_dk", q, "BK", (q, k, v, do, dk, dth_k, dht, log2_decay, theta), offset,
+        _launch(module, variant, "bwd_dk", q, "BK", (q, k, v, do, dk, dth_k, *gate_k, dht, log2_decay, theta), offset,
                 segments, HAS_INIT=dht is not None)
         _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log2_decay, theta), offset,
                 segments, **states)
     dtheta = (dth_q + dth_k).view(b, h, variant.dk).sum(0) if lrpe else None
-    return dq, dk, dv, dtheta, dh0
+    dlog2_decay = _log2_decay_grad(dG_q + dG_k, dht, ht) if scalar else None
+    return dq, dk, dv, dlog2_decay, dtheta, dh0
+
+
+def _log2_decay_grad(dG, dht, ht):
+    """decay=scalar: the gradient of the log2 decays [B, N, H] from dL/dG, G_t = g_0 + ... + g_t.
+    g_t moves every G_u with u >= t, so dg_t = sum over u >= t of dL/dG_u. The kernels' dL/dG (f(q).df(q)
+    - f(k).df(k) per token) misses one term: the final state S_{N-1} carries exp(G_{N-1}) as a whole,
+    which adds <dS_{N-1}, S_{N-1}> to dL/dG_{N-1}. Times ln 2, since g = ln 2 * log2 decay."""
+    if dht is not None:
+        dG[:, -1] += (dht * ht).sum((-2, -1))
+    return dG.flip(1).cumsum(1).flip(1) * _LN2
 
 
 def _step_kernel(variant, q, k, v, state, log2_decay, theta, positions, offset):
@@ -332,31 +373,38 @@ def _step_kernel(variant, q, k, v, state, log2_decay, theta, positions, offset):
 
 
 def _step_reference(variant, q, k, v, state, log2_decay, theta, positions, offset):
-    o, new_state = reference.step(variant, q.float(), k.float(), v.float(), state, _slopes(log2_decay), theta,
-                                  offset if positions is None else positions)
+    o, new_state = reference.step(variant, q.float(), k.float(), v.float(), state, theta=theta,
+                                  positions=offset if positions is None else positions,
+                                  **_natural_decay(variant, log2_decay))
     state.copy_(new_state)
     return o.to(v.dtype)
 
 
-def _slopes(log2_decay):
-    return None if log2_decay is None else log2_decay * -_LN2
+def _natural_decay(variant, log2_decay) -> dict:
+    """The reference's decay argument from the kernels' log2 decays: slopes [H], or g (decay=scalar)."""
+    if log2_decay is None:
+        return {}
+    natural = log2_decay * _LN2
+    return {"g": natural} if variant.decay == "scalar" else {"slopes": -natural}
 
 
 def _reference(variant, q, k, v, log2_decay, theta, h0, offset, final, segments=1):
     assert segments == 1, "sequence splitting runs the kernels only"
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = reference.quadratic(variant, q.to(work), k.to(work), v.to(work), _slopes(log2_decay), theta,
-                              h0, offset, final)
+    out = reference.quadratic(variant, q.to(work), k.to(work), v.to(work), theta=theta, initial_state=h0,
+                              offset=offset, output_final_state=final, **_natural_decay(variant, log2_decay))
     o, ht = out if final else (out, None)
     return o.to(v.dtype).contiguous(), ht  # the fake op promises the layout of v
 
 
 def _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, segments=1):
     """Gradients of the reference by autograd (runs at the autograd level, not inside the op)."""
-    inputs = [q, k, v, theta, h0]
+    scalar = variant.decay == "scalar"
+    inputs = [q, k, v, log2_decay if scalar else None, theta, h0]
     leaves = [None if t is None else t.detach().to(torch.float32).requires_grad_() for t in inputs]
     with torch.enable_grad():
-        o, ht = _reference(variant, *leaves[:3], log2_decay, leaves[3], leaves[4], offset, dht is not None)
+        o, ht = _reference(variant, *leaves[:3], leaves[3] if scalar else log2_decay, leaves[4], leaves[5], offset,
+                           dht is not None)
         outputs, grads_out = [o], [do.to(o.dtype)]
         if dht is not None:
             outputs.append(ht)
@@ -386,45 +434,49 @@ def _custom_ops(variant: Variant):
         return o, (ht if output_final_state else q.new_empty(0))
 
     def backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, log2_decay: MaybeTensor, theta: MaybeTensor,
-                 initial_state: MaybeTensor, dht: MaybeTensor, offset: int, segments: int
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        dq, dk, dv, dtheta, dh0 = _backward_kernels(variant, q, k, v, do.contiguous(), log2_decay, theta,
-                                                    initial_state, dht, offset, segments)
+                 initial_state: MaybeTensor, dht: MaybeTensor, final_state: MaybeTensor, offset: int, segments: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        grads = _backward_kernels(variant, q, k, v, do.contiguous(), log2_decay, theta, initial_state, dht,
+                                  final_state, offset, segments)
         # outputs may not alias each other: a fresh empty tensor for each absent gradient
-        return (dq, dk, dv, q.new_empty(0) if dtheta is None else dtheta, q.new_empty(0) if dh0 is None else dh0)
+        return tuple(q.new_empty(0) if g is None else g for g in grads)
 
     fwd_op = torch.library.custom_op(name, forward, mutates_args=())
     bwd_op = torch.library.custom_op(name + "_backward", backward, mutates_args=())
+    scalar = variant.decay == "scalar"  # the one decay with a gradient (log2_decay is g / ln 2)
 
     @fwd_op.register_fake
     def _(q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments):
         return torch.empty_like(v), (_state_like(variant, q) if output_final_state else q.new_empty(0))
 
     @bwd_op.register_fake
-    def _(q, k, v, do, log2_decay, theta, initial_state, dht, offset, segments):
-        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-                torch.empty_like(theta) if theta is not None else q.new_empty(0),
-                torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0))
+    def _(q, k, v, do, log2_decay, theta, initial_state, dht, final_state, offset, segments):
+        like = (q, k, v, log2_decay if scalar else None, theta, initial_state)
+        return tuple(q.new_empty(0) if t is None else torch.empty_like(t) for t in like)
 
     def setup_context(ctx, inputs, output):
         q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments = inputs
-        ctx.save_for_backward(q, k, v, log2_decay, theta, initial_state)
+        # decay=scalar: the final state itself enters dg (see _log2_decay_grad)
+        final_state = output[1] if scalar and output_final_state else None
+        ctx.save_for_backward(q, k, v, log2_decay, theta, initial_state, final_state)
         ctx.offset, ctx.final, ctx.segments = offset, output_final_state, segments
 
     def autograd_backward(ctx, do, dht):
-        q, k, v, log2_decay, theta, h0 = ctx.saved_tensors
+        q, k, v, log2_decay, theta, h0, ht = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], variant.dv, dtype=v.dtype, device=v.device)
         dht = dht.to(torch.float32).contiguous() if (ctx.final and dht is not None) else None
         if q.shape[1] == 0:
             grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                     torch.zeros_like(log2_decay) if scalar else None,
                      None if theta is None else torch.zeros_like(theta), None if h0 is None else dht)
         elif _use_kernels(q):
-            grads = bwd_op(q, k, v, do, log2_decay, theta, h0, dht, ctx.offset, ctx.segments)
+            grads = bwd_op(q, k, v, do, log2_decay, theta, h0, dht, ht if dht is not None else None, ctx.offset,
+                           ctx.segments)
         else:  # the reference needs autograd, which is off below the op's dispatch: run it here
             grads = _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, ctx.offset, ctx.segments)
-        dq, dk, dv, dtheta, dh0 = grads
-        return (dq, dk, dv, None, dtheta if theta is not None else None,
+        dq, dk, dv, dlog2_decay, dtheta, dh0 = grads
+        return (dq, dk, dv, dlog2_decay if scalar else None, dtheta if theta is not None else None,
                 dh0 if h0 is not None else None, None, None, None)
 
     fwd_op.register_autograd(autograd_backward, setup_context=setup_context)

@@ -7,6 +7,8 @@ All functions take the public layout q, k [B, N, H, dk], v [B, N, H, dv] and ret
     quadratic  o = (scale f(q) f(k)^T  *  W) v            W[t, s] = lambda^|t-s| (masked s <= t if causal)
     recurrent  S_t = lambda S_{t-1} + f(k_t)^T v_t ;  o_t = scale f(q_t) S_t   (and a reverse scan if non-causal)
     step       one token of `recurrent` per sequence (the decode step): q, k [B, H, dk], v [B, H, dv]
+decay=scalar (causal): lambda_t = exp(g_t) per token and head, g [B, N, H] (g [B, H] for step), so
+W[t, s] = exp(G_t - G_s) with G_t = g_0 + ... + g_t; its gradient comes from autograd like the others'.
 Causal forms take an initial state S_{-1} and return the final state S_{N-1} on request; `offset` is
 the LRPE position of the first token.
 """
@@ -87,9 +89,14 @@ def _rotate(fx, angle):
     return torch.cat([fx * torch.cos(angle), fx * torch.sin(angle)], dim=-1)
 
 
-def decay_weights(variant: Variant, n: int, slopes: torch.Tensor | None, dtype, device) -> torch.Tensor:
-    """W[h, t, s]: lambda_h^|t-s| (1 without decay), zero above the diagonal if causal."""
+def decay_weights(variant: Variant, n: int, slopes: torch.Tensor | None, dtype, device, g=None) -> torch.Tensor:
+    """W[h, t, s]: lambda_h^|t-s| (1 without decay), zero above the diagonal if causal.
+    decay=scalar: W[b, h, t, s] = exp(G_t - G_s) for s <= t, G the cumulative sum of g [B, N, H]."""
     i = torch.arange(n, device=device)
+    if variant.decay == "scalar":
+        big = g.to(device=device, dtype=torch.float64).cumsum(1).transpose(1, 2)  # G [B, H, N], summed in float64
+        # masked before exp: above the diagonal G_t - G_s may be large and positive
+        return torch.where(i[:, None] >= i[None, :], big[..., :, None] - big[..., None, :], -torch.inf).exp().to(dtype)
     dist = (i[:, None] - i[None, :]).abs().to(dtype)
     if variant.decay == "constant":
         w = torch.exp(-slopes.to(device=device, dtype=dtype)[:, None, None] * dist)
@@ -100,53 +107,60 @@ def decay_weights(variant: Variant, n: int, slopes: torch.Tensor | None, dtype, 
     return w
 
 
-def _decay_rates(variant, slopes, heads, dtype, device):
+def _log_decays(variant, slopes, g, shape, dtype, device):
+    """log lambda per token and head, broadcastable to `shape` ([B, N, H] or, for a step, [B, H])."""
+    if variant.decay == "scalar":
+        return g.to(device=device, dtype=dtype)
     if variant.decay == "constant":
-        return torch.exp(-slopes.to(device=device, dtype=dtype))
-    return torch.ones(heads, dtype=dtype, device=device)
+        return -slopes.to(device=device, dtype=dtype)
+    return torch.zeros(shape[-1], dtype=dtype, device=device)
 
 
-def quadratic(variant, q, k, v, slopes=None, theta=None, initial_state=None, offset=0, output_final_state=False):
+def quadratic(variant, q, k, v, slopes=None, theta=None, initial_state=None, offset=0, output_final_state=False,
+              g=None):
     """o (and the final state [B, H, F, dv] if asked), F = dk, or 2 dk under LRPE.
 
-    With states (causal only): S_t = lambda S_{t-1} + f(k_t)^T v_t from S_{-1} = initial_state,
+    With states (causal only): S_t = lambda_t S_{t-1} + f(k_t)^T v_t from S_{-1} = initial_state,
     o_t = scale f(q_t) S_t, final state S_{N-1}.
     """
     variant = as_variant(variant)
     fq = features(variant, q, theta, offset) * variant.scale
     fk = features(variant, k, theta, offset)
     scores = torch.einsum("bthd,bshd->bhts", fq, fk)
-    w = decay_weights(variant, q.shape[1], slopes, scores.dtype, q.device)
+    w = decay_weights(variant, q.shape[1], slopes, scores.dtype, q.device, g)
     o = torch.einsum("bhts,bshd->bthd", scores * w, v.to(scores.dtype))
     if initial_state is None and not output_final_state:
         return o
-    n, heads = q.shape[1], q.shape[2]
-    lam = _decay_rates(variant, slopes, heads, fq.dtype, q.device)
-    t = torch.arange(n, device=q.device, dtype=fq.dtype)
+    # log decays (summed in float64: no cancellation) from the state before token 0 to token t, from
+    # token s to the last token, and over the whole sequence
+    log_lam = _log_decays(variant, slopes, g, q.shape[:3], torch.float64, q.device).expand(q.shape[:3])
+    into, total = log_lam.cumsum(1), log_lam.sum(1)  # [B, N, H], [B, H]
+    to_end = total[:, None] - into
     if initial_state is not None:
         s0 = initial_state.to(fq.dtype)
-        o = o + torch.einsum("bthf,bhfv->bthv", fq * lam[None, None, :, None] ** (t[None, :, None, None] + 1), s0)
+        o = o + torch.einsum("bthf,bhfv->bthv", fq * into.exp().to(fq.dtype)[..., None], s0)
     if not output_final_state:
         return o
-    to_end = lam[None, None, :, None] ** (n - 1 - t[None, :, None, None])
-    final = torch.einsum("bshf,bshv->bhfv", fk * to_end, v.to(fq.dtype))
+    final = torch.einsum("bshf,bshv->bhfv", fk * to_end.exp().to(fq.dtype)[..., None], v.to(fq.dtype))
     if initial_state is not None:
-        final = final + lam[None, :, None, None] ** n * initial_state.to(fq.dtype)
+        final = final + total.exp().to(fq.dtype)[..., None, None] * initial_state.to(fq.dtype)
     return o, final
 
 
-def recurrent(variant, q, k, v, slopes=None, theta=None, initial_state=None, offset=0, output_final_state=False):
+def recurrent(variant, q, k, v, slopes=None, theta=None, initial_state=None, offset=0, output_final_state=False,
+              g=None):
     """Token-by-token scans with a [H, F, dv] state per sequence (slow; for tests)."""
     variant = as_variant(variant)
     fq = features(variant, q, theta, offset) * variant.scale
     fk = features(variant, k, theta, offset)
     v = v.to(fq.dtype)
     b, n, h, _ = fq.shape
-    lam = _decay_rates(variant, slopes, h, fq.dtype, q.device)[None, :, None, None]
+    lams = _log_decays(variant, slopes, g, fq.shape[:3], fq.dtype, q.device).expand(fq.shape[:3]).exp()
 
     def scan(order, inclusive, state):
         out = []
         for t in order:
+            lam = lams[:, t, :, None, None]
             update = torch.einsum("bhk,bhv->bhkv", fk[:, t], v[:, t])
             if inclusive:
                 state = lam * state + update
@@ -167,15 +181,15 @@ def recurrent(variant, q, k, v, slopes=None, theta=None, initial_state=None, off
     return (o, final) if output_final_state else o
 
 
-def step(variant, q, k, v, state, slopes=None, theta=None, positions=0):
+def step(variant, q, k, v, state, slopes=None, theta=None, positions=0, g=None):
     """One token per sequence: S' = lambda S + f(k)^T v, o = scale f(q) S'. Returns (o, S'); `state`
     is left as it was. q, k [B, H, dk], v [B, H, dv], state [B, H, F, dv]; positions: the LRPE
-    position, an int for every row or a tensor [B] (one per row)."""
+    position, an int for every row or a tensor [B] (one per row); g [B, H]: the token's log decay (decay=scalar)."""
     variant = as_variant(variant)
     fq, fk = phi(variant, q) * variant.scale, phi(variant, k)
     if variant.lrpe == "d":
         t = torch.as_tensor(positions, device=q.device).to(theta.dtype).reshape(-1, 1, 1)  # [B or 1, 1, 1]
         fq, fk = _rotate(fq, t * theta), _rotate(fk, t * theta)
-    lam = _decay_rates(variant, slopes, q.shape[1], fq.dtype, q.device)[None, :, None, None]
+    lam = _log_decays(variant, slopes, g, q.shape[:2], fq.dtype, q.device).exp()[..., None, None]
     new_state = lam * state.to(fq.dtype) + fk[..., :, None] * v.to(fq.dtype)[..., None, :]
     return torch.einsum("bhf,bhfv->bhv", fq, new_state), new_state

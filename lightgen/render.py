@@ -65,6 +65,14 @@ def render(variant: Variant, templates: Path | None = None) -> str:
                     "dth_acc += tl.sum(tl.where(mask[:, None], dth, 0.0), axis=0)"]
         return [f"d{x} = _features_grad({x}, {grads})"]
 
+    def decay_grad(x, source, factor):
+        """decay=scalar: this kernel's part of dL/dG_t per row, G_t the cumulative log decay:
+        +-f(x).df(x), df(x) = the gradient of the features as they enter the products (factor * out)."""
+        dots = " + ".join(f"tl.sum({p} * out_{s}, axis=1)" for p, s in zip(parts(x), parts(source)))
+        sign = "minus " if factor.startswith("-") else ""
+        return [f"# this kernel's part of dL/dG (G the cumulative log decay): {sign}f({x}) . df({x}) per row",
+                f"dG = {factor}({dots})", "tl.store(dg_ptr + rows * H, dG, mask=mask)"]
+
     def store(ptr, row_stride, cols, value, tensor, accumulate):
         lines = [f"offs = {ptr} + rows[:, None] * {row_stride} + {cols}[None, :]"]
         if accumulate:  # second walk of a non-causal kernel adds to the first's result
@@ -83,7 +91,8 @@ def render(variant: Variant, templates: Path | None = None) -> str:
 
     return env.get_template(MAIN_TEMPLATE).render(
         variant=variant, version=__version__, feats=feats,
-        decay=variant.decay != "none", lrpe=lrpe,
+        decay=variant.decay != "none", constant=variant.decay == "constant", scalar=variant.decay == "scalar",
+        lrpe=lrpe, decay_grad=decay_grad,
         state_rows="2 * DK" if lrpe else "DK", state_ptrs=state_ptrs,
         parts=parts, features=features, scaled=scaled, masked=masked, chain=chain, store=store,
         zip_parts=lambda a, b: list(zip(parts(a), parts(b))),

@@ -8,7 +8,7 @@ construction, has a canonical text form usable on the command line, e.g.
 and a stable hash of that canonical form (the generated kernels are cached by it).
 
 Grammar of the text form (comma-separated, order free, whitespace ignored):
-    decay=none|constant        default none
+    decay=none|constant|scalar default none (scalar: a log decay per token and head, causal only)
     causal | noncausal         default causal (also causal=true|false)
     lrpe=none|d                default none
     phi=NAME|EXPR              a known name (identity, silu, elu+1, relu) or a sympy
@@ -23,7 +23,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
-DECAYS = ("none", "constant")
+DECAYS = ("none", "constant", "scalar")
 LRPES = ("none", "d")
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -49,6 +49,11 @@ class Variant:
                 raise ValueError(f"{name}={value!r}: expected a power of two in 16..256 ({', '.join(map(str, HEAD_DIMS))})")
         if self.decay not in DECAYS:
             raise ValueError(f"decay={self.decay!r}: expected one of {', '.join(DECAYS)}")
+        if self.decay == "scalar" and self.causal is False:
+            # o_t = sum over s <= t of exp(G_t - G_s) ...: a data-dependent decay runs forward in time, and
+            # its two-sided form (and that form's gradient) is not the same definition everywhere
+            raise ValueError("decay=scalar: causal only (the per-token decay of Mamba2 / simple GLA is "
+                             "defined for s <= t); use decay=constant for non-causal attention")
         if self.lrpe not in LRPES:
             raise ValueError(f"lrpe={self.lrpe!r}: expected one of {', '.join(LRPES)}")
         if not isinstance(self.causal, bool):

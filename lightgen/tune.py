@@ -379,6 +379,7 @@ class _Case:
     def __init__(self, spec, dtype, n, b, h, device):
         from . import ops
         from .spec import tnl_slopes
+        from .verify import random_log_decays
 
         self.attn = ops.compile(spec)
         variant = self.attn.variant
@@ -393,6 +394,8 @@ class _Case:
         self.v, self.do = randn(variant.dv), randn(variant.dv)
         self.slopes = torch.tensor(tnl_slopes(h), device=device) if variant.decay == "constant" else None
         self.theta = torch.rand(h, variant.dk, device=device, generator=g) * 0.5 if variant.lrpe == "d" else None
+        self.g = random_log_decays(b, n, h, torch.Generator().manual_seed(0)).to(device) \
+            if variant.decay == "scalar" else None
         self.launches = self._capture()
         self.kernels: dict = {}
 
@@ -408,7 +411,7 @@ class _Case:
             for path in launch.BACKWARDS:  # the backward's two ways: tune the kernels of both
                 with launch.backward(path):
                     leaves = [t.detach().requires_grad_() for t in (self.q, self.k, self.v)]
-                    extra = {"slopes": self.slopes} if self.slopes is not None else {}
+                    extra = {name: t for name, t in (("slopes", self.slopes), ("g", self.g)) if t is not None}
                     self.attn(*leaves, theta=self.theta, **extra).backward(self.do)
         finally:
             ops._launch = real

@@ -10,6 +10,16 @@ from .spec import tnl_slopes
 # relative error (Frobenius norm) expected against float64, per input dtype: a few units of the
 # dtype's rounding, amplified by the sums over N and D
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+# dg[t] (decay=scalar) sums the decayed scores that cross t, which the backward gets as a difference of
+# larger sums (f(q).df(q) - f(k).df(k) over the tokens from t on): cancellation gives it a few times the
+# error of the other gradients (2-10x on the CPU in fp16, more with faster decays), hence a looser bound
+SLACK = {"dg": 2.0}
+
+
+def failures(errors: dict, dtype, tol=None) -> dict:
+    """The entries of `errors` (from compare) above their bound: tol (default TOLERANCE[dtype]) times SLACK."""
+    tol = tol or TOLERANCE[dtype]
+    return {name: err for name, err in errors.items() if not err <= tol * SLACK.get(name, 1.0)}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -18,42 +28,59 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def random_inputs(variant, b, n, h, dtype, device, seed=0):
-    """q, k, v, dO, slopes, theta: normal inputs scaled so phi(q).phi(k) sums stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, n, h, variant.dk, generator=g) * variant.dk ** -0.25
-    k = torch.randn(b, n, h, variant.dk, generator=g) * variant.dk ** -0.25
-    v = torch.randn(b, n, h, variant.dv, generator=g)
-    do = torch.randn(b, n, h, variant.dv, generator=g)
+    """q, k, v, dO, slopes, theta, g: normal inputs scaled so phi(q).phi(k) sums stay O(1); slopes
+    (decay=constant) and theta (lrpe=d) fp32, else None; g (decay=scalar) fp32 [B, N, H], else None."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, n, h, variant.dk, generator=gen) * variant.dk ** -0.25
+    k = torch.randn(b, n, h, variant.dk, generator=gen) * variant.dk ** -0.25
+    v = torch.randn(b, n, h, variant.dv, generator=gen)
+    do = torch.randn(b, n, h, variant.dv, generator=gen)
     slopes = torch.tensor(tnl_slopes(h)) if variant.decay == "constant" else None
-    theta = torch.rand(h, variant.dk, generator=g) * 0.5 if variant.lrpe == "d" else None
+    theta = torch.rand(h, variant.dk, generator=gen) * 0.5 if variant.lrpe == "d" else None
+    g = random_log_decays(b, n, h, gen) if variant.decay == "scalar" else None
     cast = lambda t: t.to(device, dtype)  # noqa: E731
     place = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return cast(q), cast(k), cast(v), cast(do), place(slopes), place(theta)
+    return cast(q), cast(k), cast(v), cast(do), place(slopes), place(theta), place(g)
+
+
+def random_log_decays(b, n, h, generator, fast=False) -> torch.Tensor:
+    """g [B, N, H] < 0: around the constant-decay tests' rates (-tnl_slopes per head), each token's
+    rate scaled by e^N(0,1), so the decay is data-dependent and spans the range of the constant tests.
+    fast=True: rates near 1 instead, and 3% of the tokens forget almost everything (g down to -30).
+    (Fast decays make the LRPE angle gradient a difference of nearly equal sums, whatever the decay
+    type: the default keeps random variants within the tolerances.)"""
+    rates = torch.tensor(tnl_slopes(h)) if not fast else torch.ones(h)
+    g = -rates * torch.randn(b, n, h, generator=generator).exp()
+    if fast:
+        forget = torch.rand(b, n, h, generator=generator) < 0.03
+        g = torch.where(forget, -30 * torch.rand(b, n, h, generator=generator), g)
+    return g
 
 
 def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, states=False, offset=0
             ) -> dict[str, float]:
-    """Relative errors of o, dq, dk, dv (dtheta under LRPE) against the float64 reference.
+    """Relative errors of o, dq, dk, dv (dtheta under LRPE, dg under decay=scalar) against the float64 reference.
 
     states=True also hands in a random initial state and asks for the final state, compares it
     (ht) and the initial state's gradient (dh0), with the loss seeing the final state too.
     """
     attn = compile_variant(variant)
     variant = attn.variant
-    q, k, v, do, slopes, theta = random_inputs(variant, b, n, h, dtype, device, seed)
+    q, k, v, do, slopes, theta, g = random_inputs(variant, b, n, h, dtype, device, seed)
     h0 = dht = None
     if states:
-        g = torch.Generator().manual_seed(seed + 1)
+        gen = torch.Generator().manual_seed(seed + 1)
         features = variant.dk * (2 if variant.lrpe == "d" else 1)
-        h0 = (torch.randn(b, h, features, variant.dv, generator=g) * 0.3).to(device)
-        dht = torch.randn(b, h, features, variant.dv, generator=g).to(device)
+        h0 = (torch.randn(b, h, features, variant.dv, generator=gen) * 0.3).to(device)
+        dht = torch.randn(b, h, features, variant.dv, generator=gen).to(device)
 
     def run(fn, work, slopes):
-        """Output(s) and gradients of fn; inputs in `work` dtype (None: q, k, v as given, theta and
+        """Output(s) and gradients of fn; inputs in `work` dtype (None: q, k, v as given, theta, g and
         the state in fp32, as a caller would pass them)."""
         leaves = [t.to(work or t.dtype).clone().requires_grad_() for t in (q, k, v)]
-        extra = [None if t is None else t.to(work or torch.float32).clone().requires_grad_() for t in (theta, h0)]
-        out = fn(*leaves, slopes, extra[0], initial_state=extra[1], output_final_state=states, offset=offset)
+        extra = [None if t is None else t.to(work or torch.float32).clone().requires_grad_() for t in (theta, h0, g)]
+        out = fn(*leaves, slopes, extra[0], initial_state=extra[1], output_final_state=states, offset=offset,
+                 g=extra[2])
         o, ht = out if states else (out, None)
         outputs, grads_out = [o], [do.to(work or do.dtype)]
         if states:
@@ -68,7 +95,8 @@ def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, 
     ref_slopes = slopes.double() if slopes is not None else None
     (ref_o, ref_ht), ref_grads = run(lambda *a, **kw: reference.quadratic(variant, *a, **kw), torch.float64,
                                      ref_slopes)
-    names = ["dq", "dk", "dv"] + (["dtheta"] if theta is not None else []) + (["dh0"] if states else [])
+    names = ["dq", "dk", "dv"] + (["dtheta"] if theta is not None else []) + (["dh0"] if states else []) \
+        + (["dg"] if g is not None else [])
     errors = {"o": rel_err(o, ref_o)}
     if states:
         errors["ht"] = rel_err(ht, ref_ht)

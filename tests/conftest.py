@@ -11,8 +11,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# a fresh kernel cache per test session: tests never read files an older lightgen wrote
+# a fresh kernel cache per test session: tests never read files an older lightgen wrote; the same for
+# torch.compile's cache, whose entries keep the custom ops' call signatures of the lightgen that wrote them
 os.environ.setdefault("LIGHTGEN_CACHE_DIR", tempfile.mkdtemp(prefix="lightgen-test-cache-"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lightgen-test-inductor-"))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float32, torch.float16]

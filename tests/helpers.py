@@ -2,7 +2,7 @@
 import json
 import os
 
-from lightgen.verify import TOLERANCE, compare
+from lightgen.verify import SLACK, TOLERANCE, compare, failures
 
 
 def check_variant(variant, b, n, h, dtype, device, seed=0, tol=None, states=False, offset=0):
@@ -12,6 +12,7 @@ def check_variant(variant, b, n, h, dtype, device, seed=0, tol=None, states=Fals
         with open(os.environ["LIGHTGEN_ERROR_LOG"], "a") as f:
             f.write(json.dumps({"variant": str(variant), "n": n, "dtype": str(dtype), **errors}) + "\n")
     tol = tol or TOLERANCE[dtype]
-    bad = {name: err for name, err in errors.items() if not err <= tol}
-    assert not bad, f"{variant}: B={b} N={n} H={h} {dtype}: errors above {tol:g}: {bad} (all: {errors})"
+    bad = failures(errors, dtype, tol)
+    assert not bad, f"{variant}: B={b} N={n} H={h} {dtype}: errors above {tol:g} (dg: x{SLACK['dg']:g}): {bad} " \
+                    f"(all: {errors})"
     return errors

@@ -26,6 +26,7 @@ SPEC = "decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32"
     ("scale=-1,dk=16,dv=16", "scale"),
     ("causal=maybe,dk=16,dv=16", "causal"),
     ("phi=Max(x,0,dk=16,dv=16", "unbalanced"),
+    ("decay=scalar,noncausal,dk=16,dv=16", "causal only"),
     ("", "spec"),
 ])
 def test_malformed_spec(spec, needle):
@@ -92,13 +93,46 @@ def test_arguments_the_variant_does_not_take():
         plain(q, k, v, theta=torch.ones(2, 16, device=DEVICE))
 
 
-def test_empty_sequence():
-    attn = lightgen.compile("decay=constant,causal,dk=16,dv=32")
+def test_bad_log_decays_name_g():
+    """decay=scalar takes g [B, N, H] (a step: [B, H]); the other decays take no g."""
+    attn = lightgen.compile("decay=scalar,causal,dk=16,dv=32")
+    q, k, v = _inputs(b=2, n=20, h=3)
+    g = -torch.rand(2, 20, 3, device=DEVICE)
+    other = "meta" if DEVICE == "cpu" else "cpu"
+    cases = [
+        (lambda: attn(q, k, v), ValueError),
+        (lambda: attn(q, k, v, g=g[:, :, :2]), ValueError),
+        (lambda: attn(q, k, v, g=g[..., None]), ValueError),
+        (lambda: attn(q, k, v, g=g.transpose(0, 1)), ValueError),
+        (lambda: attn(q, k, v, g=g.long()), TypeError),
+        (lambda: attn(q, k, v, g=g.tolist()), TypeError),
+        (lambda: attn(q, k, v, g=g.to(other)), ValueError),
+        (lambda: attn.step(q[:, 0], k[:, 0], v[:, 0], attn.new_state(2, 3, DEVICE)), ValueError),
+        (lambda: attn.step(q[:, 0], k[:, 0], v[:, 0], attn.new_state(2, 3, DEVICE), g=g), ValueError),
+        (lambda: attn.step(q[:, 0], k[:, 0], v[:, 0], attn.new_state(2, 3, DEVICE),
+                           g=g[:, 0].clone().requires_grad_()), ValueError),
+        (lambda: lightgen.compile("decay=constant,causal,dk=16,dv=32")(q, k, v, g=g), ValueError),
+        (lambda: lightgen.compile("decay=none,causal,dk=16,dv=32")(q, k, v, g=g), ValueError),
+    ]
+    for call, err in cases:
+        with pytest.raises(err) as info:
+            call()
+        assert str(info.value).startswith("g"), f"expected the message to start with 'g': {info.value}"
+    with pytest.raises(ValueError, match="^slopes.*takes g"):
+        attn(q, k, v, g=g, slopes=torch.ones(3, device=DEVICE))
+    attn(q, k, v, g=g.half())  # any float dtype
+
+
+@pytest.mark.parametrize("decay", ["constant", "scalar"])
+def test_empty_sequence(decay):
+    attn = lightgen.compile(f"decay={decay},causal,dk=16,dv=32")
     q, k, v = (t.requires_grad_() for t in _inputs(n=0))
-    o = attn(q, k, v)
+    g = torch.zeros(1, 0, 2, device=DEVICE, requires_grad=True) if decay == "scalar" else None
+    o = attn(q, k, v, g=g)
     assert o.shape == v.shape
     o.sum().backward()
     assert q.grad.shape == q.shape
+    assert g is None or g.grad.shape == g.shape
 
 
 def test_cli_reports_bad_spec(capsys):

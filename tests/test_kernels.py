@@ -5,15 +5,16 @@ import pytest
 import torch
 from conftest import DEVICE, DTYPES
 from helpers import check_variant
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import lightgen
 from lightgen import reference
-from lightgen.verify import TOLERANCE, rel_err
+from lightgen.verify import TOLERANCE, random_inputs, rel_err
 
 DIMS = [(16, 16), (32, 64), (64, 32), (128, 128)]
-MATRIX = list(itertools.product(["none", "constant"], [True, False], ["none", "d"], ["identity", "silu", "elu+1"], DIMS))
+MATRIX = list(itertools.product(["none", "constant"], [True, False], ["none", "d"], ["identity", "silu", "elu+1"], DIMS)) \
+    + list(itertools.product(["scalar"], [True], ["none", "d"], ["identity", "silu", "elu+1"], DIMS))  # causal only
 
 
 def _variant(decay, causal, lrpe, phi, dims):
@@ -37,7 +38,8 @@ def test_sequence_lengths(n):
 
 
 STATE_CASES = ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=constant,causal,phi=elu+1,dk=64,dv=16",
-               "decay=none,causal,lrpe=d,dk=32,dv=32", "decay=none,causal,phi=relu,dk=128,dv=64"]
+               "decay=none,causal,lrpe=d,dk=32,dv=32", "decay=none,causal,phi=relu,dk=128,dv=64",
+               "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=scalar,causal,phi=relu,dk=64,dv=16"]
 
 
 @pytest.mark.parametrize("spec", STATE_CASES)
@@ -48,7 +50,8 @@ def test_states(spec, n):
 
 
 @pytest.mark.parametrize("segments", [2, 4])
-@pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=none,causal,dk=32,dv=16"])
+@pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=none,causal,dk=32,dv=16",
+                                  "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32"])
 def test_sequence_splitting(spec, segments, monkeypatch):
     """Long sequences cut into pieces of a larger batch (forced here): same outputs, gradients, states."""
     from lightgen import launch
@@ -60,7 +63,8 @@ def test_sequence_splitting(spec, segments, monkeypatch):
 @pytest.mark.parametrize("tile", [16, None])
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32",
-                                  "decay=none,noncausal,lrpe=d,phi=elu+1,dk=32,dv=16"])
+                                  "decay=none,noncausal,lrpe=d,phi=elu+1,dk=32,dv=16",
+                                  "decay=scalar,causal,lrpe=d,phi=silu,dk=32,dv=32"])
 def test_backward_paths(spec, path, tile):
     """dk, dv (and dtheta, state gradients) from one fused sweep or two, with one or several output tiles
     (several: the fused sweep's dk shares are summed across dv tiles)."""
@@ -72,16 +76,18 @@ def test_backward_paths(spec, path, tile):
                       states=states, offset=3 if states else 0)
 
 
-def test_state_passing_equals_one_call():
+@pytest.mark.parametrize("decay", ["constant", "scalar"])
+def test_state_passing_equals_one_call(decay):
     """Chunked prefill: two calls handing the state over equal one call over the whole sequence."""
-    attn = lightgen.compile("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16")
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 70, 2, 16, generator=g).to(DEVICE, DTYPES[0]) for _ in range(3))
-    theta = torch.rand(2, 16, generator=g).to(DEVICE)
-    whole, final = attn(q, k, v, theta=theta, output_final_state=True)
-    first, state = attn(q[:, :33], k[:, :33], v[:, :33], theta=theta, output_final_state=True)
+    attn = lightgen.compile(f"decay={decay},causal,lrpe=d,phi=silu,dk=16,dv=16")
+    _, _, _, _, _, theta, g = random_inputs(attn.variant, 1, 70, 2, DTYPES[0], DEVICE, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 70, 2, 16, generator=gen).to(DEVICE, DTYPES[0]) for _ in range(3))
+    first_g, second_g = (None, None) if g is None else (g[:, :33], g[:, 33:])
+    whole, final = attn(q, k, v, theta=theta, output_final_state=True, g=g)
+    first, state = attn(q[:, :33], k[:, :33], v[:, :33], theta=theta, output_final_state=True, g=first_g)
     second, state = attn(q[:, 33:], k[:, 33:], v[:, 33:], theta=theta, initial_state=state,
-                         output_final_state=True, offset=33)
+                         output_final_state=True, offset=33, g=second_g)
     # other chunk boundaries round differently: compare normwise at the dtype's tolerance
     tol = TOLERANCE[DTYPES[0]]
     assert rel_err(torch.cat([first, second], dim=1), whole) < tol
@@ -97,27 +103,31 @@ def test_custom_phi_expression():
 def test_recurrent_reference_matches_quadratic():
     """The two reference forms agree: the ground truth is not one formula checked against itself."""
     for spec in ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=constant,noncausal,phi=elu+1,dk=16,dv=16",
-                 "decay=none,noncausal,lrpe=d,dk=16,dv=16"]:
+                 "decay=none,noncausal,lrpe=d,dk=16,dv=16", "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=16"]:
         variant = lightgen.Variant.parse(spec)
-        g = torch.Generator().manual_seed(1)
-        q, k = torch.randn(2, 2, 19, 3, 16, generator=g, dtype=torch.float64)
-        v = torch.randn(2, 19, 3, variant.dv, generator=g, dtype=torch.float64)
-        slopes = torch.tensor(lightgen.tnl_slopes(3), dtype=torch.float64)
-        theta = torch.rand(3, 16, generator=g, dtype=torch.float64)
-        a = reference.quadratic(variant, q, k, v, slopes, theta)
-        b = reference.recurrent(variant, q, k, v, slopes, theta)
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+        gen = torch.Generator().manual_seed(1)
+        q, k = torch.randn(2, 2, 19, 3, 16, generator=gen, dtype=torch.float64)
+        v = torch.randn(2, 19, 3, variant.dv, generator=gen, dtype=torch.float64)
+        slopes = torch.tensor(lightgen.tnl_slopes(3), dtype=torch.float64) if variant.decay == "constant" else None
+        theta = torch.rand(3, 16, generator=gen, dtype=torch.float64)
+        g = -torch.rand(2, 19, 3, generator=gen, dtype=torch.float64) if variant.decay == "scalar" else None
+        h0 = torch.randn(2, 3, 32, variant.dv, generator=gen, dtype=torch.float64) if variant.causal else None
+        a = reference.quadratic(variant, q, k, v, slopes, theta, h0, 4, variant.causal, g=g)
+        b = reference.recurrent(variant, q, k, v, slopes, theta, h0, 4, variant.causal, g=g)
+        for x, y in zip(*((a, b) if variant.causal else ((a,), (b,)))):
+            assert torch.allclose(x, y, rtol=1e-10, atol=1e-10)
 
 
 PHIS = st.sampled_from(["identity", "silu", "elu+1", "relu", "x**2", "sigmoid(x)", "1+elu(x)", "Abs(x)"])
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(decay=st.sampled_from(["none", "constant"]), causal=st.booleans(), lrpe=st.sampled_from(["none", "d"]),
+@given(decay=st.sampled_from(["none", "constant", "scalar"]), causal=st.booleans(), lrpe=st.sampled_from(["none", "d"]),
        phi=PHIS, dk=st.sampled_from([16, 32, 64]), dv=st.sampled_from([16, 32, 64]),
        b=st.integers(1, 2), n=st.integers(1, 80), h=st.integers(1, 3),
        scale=st.one_of(st.none(), st.floats(0.05, 2.0)), seed=st.integers(0, 2**16))
 def test_random_variants(decay, causal, lrpe, phi, dk, dv, b, n, h, scale, seed):
+    assume(causal or decay != "scalar")
     variant = lightgen.Variant(decay=decay, causal=causal, lrpe=lrpe, phi=phi, dk=dk, dv=dv, scale=scale)
     check_variant(variant, b=b, n=n, h=h, dtype=DTYPES[0], device=DEVICE, seed=seed)
 

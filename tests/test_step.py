@@ -11,21 +11,28 @@ from lightgen.verify import TOLERANCE, random_inputs, rel_err
 SPECS = ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32",
          "decay=none,causal,phi=identity,dk=32,dv=16",
          "decay=constant,causal,phi=elu+1,dk=16,dv=16,scale=0.5",
-         "decay=none,causal,lrpe=d,phi=silu,dk=32,dv=32"]
+         "decay=none,causal,lrpe=d,phi=silu,dk=32,dv=32",
+         "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32"]
 
 
 def _setup(spec, b, n, h, dtype, seed=0):
-    """The compiled variant, inputs [B, N, H, D] and a random initial state [B, H, F, dv] fp32."""
+    """The compiled variant, inputs [B, N, H, D], a random initial state [B, H, F, dv] fp32 and the log
+    decays g [B, N, H] (decay=scalar, else None)."""
     attn = lightgen.compile(spec)
     variant = attn.variant
-    q, k, v, _, slopes, theta = random_inputs(variant, b, n, h, dtype, DEVICE, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    h0 = (torch.randn(attn.new_state(b, h).shape, generator=g) * 0.3).to(DEVICE)
-    return attn, q, k, v, slopes, theta, h0
+    q, k, v, _, slopes, theta, g = random_inputs(variant, b, n, h, dtype, DEVICE, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    h0 = (torch.randn(attn.new_state(b, h).shape, generator=gen) * 0.3).to(DEVICE)
+    return attn, q, k, v, slopes, theta, h0, g
 
 
 def _f64(t):
     return None if t is None else t.double()
+
+
+def _at(g, t):
+    """The log decays of token t, [B, H] (None without decay=scalar)."""
+    return None if g is None else g[:, t]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -33,14 +40,14 @@ def _f64(t):
 def test_steps_equal_the_chunk_kernel(spec, dtype):
     """T steps from h0 at positions offset.. = one chunk call with initial_state=h0, offset=offset."""
     b, n, h, offset = 2, 6, 2, 5
-    attn, q, k, v, slopes, theta, h0 = _setup(spec, b, n, h, dtype)
+    attn, q, k, v, slopes, theta, h0, g = _setup(spec, b, n, h, dtype)
     state = h0.clone()
     with torch.no_grad():
-        steps = torch.stack([attn.step(q[:, t], k[:, t], v[:, t], state, slopes, theta, position=offset + t)
-                             for t in range(n)], dim=1)
-        chunk, final = attn(q, k, v, slopes, theta, initial_state=h0, output_final_state=True, offset=offset)
+        steps = torch.stack([attn.step(q[:, t], k[:, t], v[:, t], state, slopes, theta, position=offset + t,
+                                       g=_at(g, t)) for t in range(n)], dim=1)
+        chunk, final = attn(q, k, v, slopes, theta, initial_state=h0, output_final_state=True, offset=offset, g=g)
     ref, ref_final = reference.quadratic(attn.variant, q.double(), k.double(), v.double(), _f64(slopes),
-                                         _f64(theta), h0.double(), offset, output_final_state=True)
+                                         _f64(theta), h0.double(), offset, output_final_state=True, g=_f64(g))
     assert steps.dtype == v.dtype and steps.shape == v.shape
     tol = TOLERANCE[dtype]
     errors = {"o vs chunk": rel_err(steps, chunk), "state vs chunk": rel_err(state, final),
@@ -51,7 +58,7 @@ def test_steps_equal_the_chunk_kernel(spec, dtype):
 def test_rows_at_different_positions():
     """A position per batch row: each row as if stepped alone at its position; tiles of BV = 8."""
     spec = "decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32"
-    attn, q, k, v, slopes, theta, h0 = _setup(spec, b=3, n=1, h=2, dtype=DTYPES[0])
+    attn, q, k, v, slopes, theta, h0, _ = _setup(spec, b=3, n=1, h=2, dtype=DTYPES[0])
     q, k, v = q[:, 0], k[:, 0], v[:, 0]
     positions = torch.tensor([0, 7, 100], device=DEVICE)
     state = h0.clone()
@@ -71,7 +78,7 @@ def test_rows_at_different_positions():
 
 
 def test_state_is_updated_in_place():
-    attn, q, k, v, slopes, theta, h0 = _setup("decay=constant,causal,phi=silu,dk=16,dv=16", b=2, n=1, h=2,
+    attn, q, k, v, slopes, theta, h0, _ = _setup("decay=constant,causal,phi=silu,dk=16,dv=16", b=2, n=1, h=2,
                                               dtype=DTYPES[0])
     state = h0.clone()
     address = state.data_ptr()
@@ -84,16 +91,16 @@ def test_state_is_updated_in_place():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the kernel side runs on CPU tensors under the interpreter only")
-def test_cpu_reference_path(monkeypatch):
+@pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16", "decay=scalar,causal,dk=16,dv=16"])
+def test_cpu_reference_path(spec, monkeypatch):
     """CPU tensors without the interpreter take lightgen.reference.step: same result, same in-place update."""
-    spec = "decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16"
-    attn, q, k, v, slopes, theta, h0 = _setup(spec, b=2, n=1, h=2, dtype=torch.float32)
-    q, k, v, slopes, theta, h0 = (t.cpu() for t in (q[:, 0], k[:, 0], v[:, 0], slopes, theta, h0))
+    attn, q, k, v, slopes, theta, h0, g = _setup(spec, b=2, n=1, h=2, dtype=torch.float32)
+    q, k, v, g = q[:, 0], k[:, 0], v[:, 0], _at(g, 0)
     kernel_state, ref_state = h0.clone(), h0.clone()
     with torch.no_grad():
-        o_kernel = attn.step(q, k, v, kernel_state, slopes, theta, position=3)
+        o_kernel = attn.step(q, k, v, kernel_state, slopes, theta, position=3, g=g)
         monkeypatch.setenv("LIGHTGEN_CPU_REFERENCE", "1")
-        o_ref = attn.step(q, k, v, ref_state, slopes, theta, position=3)
+        o_ref = attn.step(q, k, v, ref_state, slopes, theta, position=3, g=g)
     torch.testing.assert_close(o_ref, o_kernel, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ref_state, kernel_state, rtol=1e-5, atol=1e-5)
 
@@ -139,23 +146,29 @@ def test_bad_input_names_the_argument():
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="4096 steps need a GPU (the interpreter takes minutes)")
 @pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=128,dv=128,scale=1",
-                                  "decay=none,causal,phi=elu+1,dk=64,dv=128"])
+                                  "decay=none,causal,phi=elu+1,dk=64,dv=128",
+                                  "decay=scalar,causal,phi=identity,dk=128,dv=128,scale=1"])
 def test_4096_steps_after_chunked_prefill_match_the_parallel_forward(spec):
     """bf16: a prefill of 1000 tokens in two chunks hands its state to 4096 decode steps; outputs and the
     final state match the parallel forward over all 5096 tokens (the bf16 kernels) and float64."""
     prompt, steps, split = 1000, 4096, 600
-    attn, q, k, v, slopes, theta, _ = _setup(spec, b=2, n=prompt + steps, h=4, dtype=torch.bfloat16)
+    attn, q, k, v, slopes, theta, _, g = _setup(spec, b=2, n=prompt + steps, h=4, dtype=torch.bfloat16)
+
+    def piece(start, end):  # the log decays of tokens start..end-1 (None without decay=scalar)
+        return None if g is None else g[:, start:end]
+
     with torch.no_grad():
-        whole, whole_final = attn(q, k, v, slopes, theta, output_final_state=True)
-        _, state = attn(q[:, :split], k[:, :split], v[:, :split], slopes, theta, output_final_state=True)
+        whole, whole_final = attn(q, k, v, slopes, theta, output_final_state=True, g=g)
+        _, state = attn(q[:, :split], k[:, :split], v[:, :split], slopes, theta, output_final_state=True,
+                        g=piece(0, split))
         first, state = attn(q[:, split:prompt], k[:, split:prompt], v[:, split:prompt], slopes, theta,
-                            initial_state=state, output_final_state=True, offset=split)
+                            initial_state=state, output_final_state=True, offset=split, g=piece(split, prompt))
         by_token = [t.transpose(0, 1).contiguous() for t in (q, k, v)]  # [N, B, H, D]: one contiguous row per step
-        out = [attn.step(qt, kt, vt, state, slopes, theta, position=prompt + i)
+        out = [attn.step(qt, kt, vt, state, slopes, theta, position=prompt + i, g=_at(g, prompt + i))
                for i, (qt, kt, vt) in enumerate(zip(*(t[prompt:] for t in by_token)))]
         decoded = torch.stack(out, dim=1)
         ref, ref_final = reference.quadratic(attn.variant, q.double(), k.double(), v.double(), _f64(slopes),
-                                             _f64(theta), output_final_state=True)
+                                             _f64(theta), output_final_state=True, g=_f64(g))
     tol = TOLERANCE[torch.bfloat16]
     errors = {"prefill vs parallel": rel_err(first, whole[:, split:prompt]),
               "decode vs parallel": rel_err(decoded, whole[:, prompt:]),

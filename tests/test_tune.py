@@ -197,6 +197,19 @@ def test_trial_outputs_are_checked_against_the_default():
     assert kernel.error(default) > 1e-3
 
 
+def test_scalar_decay_case_finds_the_decay_gradient_parts():
+    """decay=scalar: the tuner's inputs include g, and the dq kernel's outputs its part of dL/dG."""
+    from conftest import DEVICE
+
+    from lightgen import tune
+
+    case = tune._Case("decay=scalar,causal,dk=16,dv=16", "fp32", 40, 2, 2, torch.device(DEVICE))
+    default = launch.heuristic(case.attn.variant, "bwd_dq", interpreted=DEVICE == "cpu")
+    kernel = case.kernel("bwd_dq", default)
+    assert sorted(tuple(t.shape) for t in kernel.outputs) == [(2, 40, 2), (2, 40, 2, 16)]  # dG part, dq
+    assert kernel.error(default) == 0
+
+
 def test_hanging_trial_is_killed(tmp_path, optuna, monkeypatch):
     monkeypatch.setenv("LIGHTGEN_TUNE_FAULT", "hang")
     (result,) = dry_run(tmp_path, seqlens=(32,), kernels=("fwd",), trials=2, trial_timeout_s=3)
