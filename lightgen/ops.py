@@ -79,7 +79,7 @@ class LinearAttention:
             initial_state = initial_state.to(torch.float32).contiguous()
         _check_position("offset", offset)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        segments = launch.segments(variant, q.shape, q.device) if variant.causal else 1
+        segments = launch.segments(variant, q.shape, q.dtype, q.device) if variant.causal else 1
         if segments > 1:
             o, final_state = self._split(q, k, v, log2_decay, theta, initial_state, offset, segments)
         else:

@@ -56,7 +56,7 @@ def test_sequence_splitting(spec, segments, monkeypatch):
     """Long sequences cut into pieces of a larger batch (forced here): same outputs, gradients, states."""
     from lightgen import launch
 
-    monkeypatch.setattr(launch, "segments", lambda variant, shape, device: segments)
+    monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
     check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=True, offset=3)
 
 
