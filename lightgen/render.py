@@ -27,10 +27,17 @@ def source_key(variant: Variant, templates: Path | None = None) -> str:
     """Hash of the generated source itself: it names the cached file and keys tuned launch configs,
     so a template edit that leaves a variant's kernels as they were keeps their tuned entries."""
     templates = templates or template_dir()
+    # on every kernel call: stat the templates (cheap), re-read and hash them only when they changed
+    stamps = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(templates.glob("*.j2")))
+    return _rendered_key(variant, str(templates), _templates_digest(str(templates), stamps))
+
+
+@functools.lru_cache(maxsize=16)
+def _templates_digest(templates: str, stamps: tuple) -> str:
     digest = hashlib.sha256()
-    for path in sorted(templates.glob("*.j2")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return _rendered_key(variant, str(templates), digest.hexdigest())
+    for name, _, _ in stamps:
+        digest.update(name.encode() + b"\0" + (Path(templates) / name).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=512)
