@@ -15,11 +15,9 @@ it is the same in both. bf16 autocast on a GPU (--dtype), fp32 on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -205,16 +203,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    try:
-        args = parse_args(argv)
-        result = run(args)
-    except ValueError as e:
-        raise SystemExit(f"bench_sp: {e}")
-    print(report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"results: {args.json}")
-    return result
+    return measure.main("bench_sp", parse_args, run, report, argv)
 
 
 if __name__ == "__main__":

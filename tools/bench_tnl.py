@@ -23,10 +23,8 @@ still run. A table goes to stdout, everything to --json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -299,16 +297,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    try:
-        args = parse_args(argv)
-        result = run(args)
-    except ValueError as e:
-        raise SystemExit(f"bench_tnl: {e}")
-    print(report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"results: {args.json}")
-    return result
+    return measure.main("bench_tnl", parse_args, run, report, argv)
 
 
 if __name__ == "__main__":

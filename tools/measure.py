@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime
 import gc
+import json
 import platform
 import statistics
 import time
 import traceback
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -146,3 +148,18 @@ def table(headers: list[str], rows: list[list]) -> str:
 def fmt(value, spec: str):
     """format(value, spec), or None for a missing value (table prints '-')."""
     return None if value is None else format(value, spec)
+
+
+def main(tool: str, parse_args, run, report, argv=None) -> dict:
+    """A benchmark tool's command line: parse, run, print the report, write --json; bad arguments
+    (ValueError) end with the tool's name and the message."""
+    try:
+        args = parse_args(argv)
+        result = run(args)
+    except ValueError as e:
+        raise SystemExit(f"{tool}: {e}")
+    print(report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"results: {args.json}")
+    return result
