@@ -34,6 +34,9 @@ class LinearAttention:
     variants: S_t = lambda_t S_{t-1} + f(k_t)^T v_t, o_t = scale f(q_t) S_t, states [B, H, F, dv] in fp32
     with F = dk (2 dk under LRPE: the cos half, then the sin half); both get gradients. offset is the
     LRPE position of the first token (chunked prefill, sequence parallelism).
+    attn(..., cu_seqlens=cu): packed sequences, B = 1: q, k, v [1, T, H, D] hold S sequences back to back,
+    cu int32 [S + 1] their offsets (0, ..., T; non-decreasing); each is attended on its own, from LRPE
+    position offset, with its own states [S, H, F, dv]; g [1, T, H]. Never split into pieces.
     attn.step(q, k, v, state, position=t) -> o: one decode token per sequence, the state updated in place.
 
     Layout [B, N, H, D] (batch, sequence, heads, head dim), like flash-linear-attention:
