@@ -33,8 +33,8 @@ def cache_dir() -> Path:
     return Path(base) / "lightgen" / "kernels"
 
 
-def kernel_path(variant: Variant) -> Path:
-    return cache_dir() / f"{variant.slug}_{source_key(variant)}.py"
+def kernel_path(variant: Variant, varlen: bool = False) -> Path:
+    return cache_dir() / f"{variant.slug}{'_varlen' if varlen else ''}_{source_key(variant, varlen=varlen)}.py"
 
 
 def _checksum(body: str) -> str:
@@ -58,24 +58,25 @@ def _write(path: Path, body: str) -> None:
     os.replace(tmp, path)
 
 
-def ensure_source(variant: Variant) -> Path:
-    """The generated file for this variant, rendered only if missing or damaged."""
-    path = kernel_path(variant)
+def ensure_source(variant: Variant, varlen: bool = False) -> Path:
+    """The generated file for this variant (varlen: its packed-sequence kernels), rendered only if
+    missing or damaged."""
+    path = kernel_path(variant, varlen)
     if not _is_intact(path):
         if path.exists():
             warnings.warn(f"lightgen: generated file {path} is damaged (checksum mismatch); regenerating", stacklevel=3)
-        _write(path, render(variant))
+        _write(path, render(variant, varlen=varlen))
     return path
 
 
-def load(variant: Variant) -> ModuleType:
+def load(variant: Variant, varlen: bool = False) -> ModuleType:
     """Import the variant's kernel module (once per process and source key)."""
     # @triton.jit decides at import whether a function is compiled or interpreted: one module per mode
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    key = source_key(variant) + ("_interpreted" if interpreted else "")
+    key = source_key(variant, varlen=varlen) + ("_interpreted" if interpreted else "")
     with _lock:
         if key not in _loaded:
-            path = ensure_source(variant)
+            path = ensure_source(variant, varlen)
             name = f"lightgen_kernels_{key}"
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)

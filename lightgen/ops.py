@@ -34,6 +34,9 @@ class LinearAttention:
     variants: S_t = lambda_t S_{t-1} + f(k_t)^T v_t, o_t = scale f(q_t) S_t, states [B, H, F, dv] in fp32
     with F = dk (2 dk under LRPE: the cos half, then the sin half); both get gradients. offset is the
     LRPE position of the first token (chunked prefill, sequence parallelism).
+    attn(..., cu_seqlens=cu): packed sequences, B = 1: q, k, v [1, T, H, D] hold S sequences back to back,
+    cu int32 [S + 1] their offsets (0, ..., T; non-decreasing); each is attended on its own, from LRPE
+    position offset, with its own states [S, H, F, dv]; g [1, T, H]. Never split into pieces.
     attn.step(q, k, v, state, position=t) -> o: one decode token per sequence, the state updated in place.
 
     Layout [B, N, H, D] (batch, sequence, heads, head dim), like flash-linear-attention:
@@ -67,24 +70,28 @@ class LinearAttention:
         return self.source_path.read_text()
 
     def __call__(self, q, k, v, slopes=None, theta=None, initial_state=None, output_final_state=False, offset=0,
-                 g=None):
+                 g=None, cu_seqlens=None):
         variant = self.variant
         _check_inputs(variant, q, k, v)
-        heads = q.shape[2]
+        batch, heads = q.shape[0], q.shape[2]
+        if cu_seqlens is not None:
+            batch = _check_cu_seqlens(cu_seqlens, q)  # states are per sequence
         log2_decay, theta = self._decay_and_theta(slopes, g, theta, q.shape[:3], "B, N, H", q.device)
         if (initial_state is not None or output_final_state) and not variant.causal:
             raise ValueError("initial_state, output_final_state: states exist only for causal variants")
         if initial_state is not None:
-            _check_param("initial_state", initial_state, _state_shape(variant, q.shape[0], heads), q.device)
+            _check_param("initial_state", initial_state, _state_shape(variant, batch, heads), q.device)
             initial_state = initial_state.to(torch.float32).contiguous()
         _check_position("offset", offset)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        segments = launch.segments(variant, q.shape, q.dtype, q.device) if variant.causal else 1
+        # packed sequences are never split: they are the short-sequence case
+        split = variant.causal and cu_seqlens is None
+        segments = launch.segments(variant, q.shape, q.dtype, q.device) if split else 1
         if segments > 1:
             o, final_state = self._split(q, k, v, log2_decay, theta, initial_state, offset, segments)
         else:
             o, final_state = self._forward(q, k, v, log2_decay, theta, initial_state, offset,
-                                           bool(output_final_state), 1)
+                                           bool(output_final_state), 1, cu_seqlens)
         return (o, final_state) if output_final_state else o
 
     def step(self, q, k, v, state, slopes=None, theta=None, position=0, g=None):
@@ -242,6 +249,34 @@ def _check_param(name, t, shape, device):
         raise ValueError(f"{name}: expected device {device} (that of q), got {t.device}")
 
 
+def _check_cu_seqlens(cu_seqlens, q) -> int:
+    """The number of packed sequences S. The values are checked on the host (a device sync, and a copy
+    of S + 1 ints): a wrong offset would make the kernels read and write out of bounds, silently.
+    Under torch.compile tracing they are not (data-dependent checks would break the graph)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens: expected an int32 torch.Tensor [S + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens: expected dtype int32 (as flash-attn's), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected a 1-D tensor [S + 1] of sequence offsets (S >= 1), got shape "
+                         f"{list(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens: expected device {q.device} (that of q), got {cu_seqlens.device}")
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens: the sequences are packed along N, so the batch size must be 1; got q of "
+                         f"shape {tuple(q.shape)}")
+    if not torch.compiler.is_compiling():
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0 or offsets[-1] != q.shape[1]:
+            raise ValueError(f"cu_seqlens: expected offsets from 0 to N = {q.shape[1]} (q's tokens), got "
+                             f"{offsets[0]} .. {offsets[-1]}")
+        for i, (start, end) in enumerate(zip(offsets, offsets[1:])):
+            if end < start:
+                raise ValueError(f"cu_seqlens: expected non-decreasing offsets (sequence lengths >= 0), got "
+                                 f"cu_seqlens[{i + 1}] = {end} < cu_seqlens[{i}] = {start}")
+    return cu_seqlens.numel() - 1
+
+
 def _check_position(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name}: expected an int >= 0 (the position of the first token), got {value!r}")
@@ -284,12 +319,19 @@ class TileShares(NamedTuple):
     total: torch.Tensor
 
 
-def _launch(module, variant, kernel, q, tile_name, args, offset, segments, **flags):
-    """One kernel over B*H*tiles programs: its output's head dim ("BK": dk, "BV": dv) is tiled."""
+def _launch(module, variant, kernel, q, tile_name, args, offset, segments, cu_seqlens=None, **flags):
+    """One kernel over B*H*tiles programs: its output's head dim ("BK": dk, "BV": dv) is tiled.
+    Packed sequences (cu_seqlens): S*H*tiles programs of the varlen module's kernel."""
     import triton.language as tl
 
     b, n, h, _ = q.shape
-    params = launch.params(variant, kernel, q.dtype, n, q.device)
+    if cu_seqlens is None:
+        length, tail = n, (n, h, variant.scale, offset, segments)
+    else:
+        # the same per-chunk code as the plain kernel's: its tuned configs serve, at the mean length
+        b = cu_seqlens.numel() - 1
+        length, tail = n // b, (cu_seqlens, n, h, variant.scale, offset)
+    params = launch.params(variant, kernel, q.dtype, length, q.device)
     tile = params[tile_name]
     tiles = (variant.dk if tile_name == "BK" else variant.dv) // tile
     shares = [(a.total, a.total.unsqueeze(0) if tiles == 1 else
@@ -299,7 +341,7 @@ def _launch(module, variant, kernel, q, tile_name, args, offset, segments, **fla
     args = [next(slices) if isinstance(a, TileShares) else a for a in args]
     dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[q.dtype]
     getattr(module, kernel)[(b * h * tiles,)](
-        *args, n, h, variant.scale, offset, segments, DK=variant.dk, DV=variant.dv, C=params["C"], DOT=dot,
+        *args, *tail, DK=variant.dk, DV=variant.dv, C=params["C"], DOT=dot,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=params["num_warps"], num_stages=params["num_stages"], **{tile_name: tile}, **flags)
     if tiles > 1:
@@ -307,56 +349,78 @@ def _launch(module, variant, kernel, q, tile_name, args, offset, segments, **fla
             total.copy_(per_tile.sum(0))
 
 
-def _state_like(variant, q):
-    return torch.empty(_state_shape(variant, q.shape[0], q.shape[2]), device=q.device, dtype=torch.float32)
+def _state_like(variant, q, cu_seqlens=None):
+    """An empty state [B, H, F, dv] fp32 for q's batch, or one per packed sequence [S, H, F, dv]."""
+    batch = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return torch.empty(_state_shape(variant, batch, q.shape[2]), device=q.device, dtype=torch.float32)
 
 
-def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final, segments):
-    module = build.load(variant)
+def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final, segments, cu_seqlens=None):
+    module = build.load(variant, varlen=cu_seqlens is not None)
     o = torch.empty_like(v)
-    ht = _state_like(variant, q) if final else None
+    ht = _state_like(variant, q, cu_seqlens) if final else None
     _launch(module, variant, "fwd", q, "BV", (q, k, v, o, h0, ht, log2_decay, theta), offset, segments,
-            HAS_INIT=h0 is not None, HAS_FINAL=final)
+            cu_seqlens, HAS_INIT=h0 is not None, HAS_FINAL=final)
     return o, ht
 
 
-def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offset, segments):
-    module = build.load(variant)
+def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offset, segments, cu_seqlens=None):
+    module = build.load(variant, varlen=cu_seqlens is not None)
     b, n, h, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lrpe = variant.lrpe == "d"
-    dth_q = torch.empty(b * h, variant.dk, device=q.device, dtype=torch.float32) if lrpe else None
+    sequences = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    dth_q = torch.empty(sequences * h, variant.dk, device=q.device, dtype=torch.float32) if lrpe else None
     dth_k = torch.empty_like(dth_q) if lrpe else None
-    dh0 = _state_like(variant, q) if h0 is not None else None
+    dh0 = _state_like(variant, q, cu_seqlens) if h0 is not None else None
     # decay=scalar: the dq and dk kernels each write their part of dL/dG [B, N, H] (G the cumulative log decay)
     scalar = variant.decay == "scalar"
     dG_q, dG_k = (torch.empty(b, n, h, device=q.device, dtype=torch.float32) for _ in range(2)) if scalar else (None, None)
     gate_q, gate_k = ((TileShares(dG_q),), (TileShares(dG_k),)) if scalar else ((), ())
     states = dict(HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
     _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, *gate_q, h0, log2_decay, theta), offset,
-            segments, HAS_INIT=h0 is not None)
+            segments, cu_seqlens, HAS_INIT=h0 is not None)
     if launch.backward_path(variant, q.dtype, n, q.device) == "fused":
         _launch(module, variant, "bwd_dkv", q, "BV", (q, k, v, do, TileShares(dk), dv,
                                                       dth_k if dth_k is None else TileShares(dth_k), *gate_k,
-                                                      dht, dh0, log2_decay, theta), offset, segments, **states)
+                                                      dht, dh0, log2_decay, theta), offset, segments,
+                cu_seqlens, **states)
     else:
         _launch(module, variant, "bwd_dk", q, "BK", (q, k, v, do, dk, dth_k, *gate_k, dht, log2_decay, theta), offset,
-                segments, HAS_INIT=dht is not None)
+                segments, cu_seqlens, HAS_INIT=dht is not None)
         _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log2_decay, theta), offset,
-                segments, **states)
-    dtheta = (dth_q + dth_k).view(b, h, variant.dk).sum(0) if lrpe else None
-    dlog2_decay = _log2_decay_grad(dG_q + dG_k, dht, ht) if scalar else None
+                segments, cu_seqlens, **states)
+    dtheta = (dth_q + dth_k).view(sequences, h, variant.dk).sum(0) if lrpe else None
+    dlog2_decay = _log2_decay_grad(dG_q + dG_k, dht, ht, cu_seqlens) if scalar else None
     return dq, dk, dv, dlog2_decay, dtheta, dh0
 
 
-def _log2_decay_grad(dG, dht, ht):
+def _log2_decay_grad(dG, dht, ht, cu_seqlens=None):
     """decay=scalar: the gradient of the log2 decays [B, N, H] from dL/dG, G_t = g_0 + ... + g_t.
     g_t moves every G_u with u >= t, so dg_t = sum over u >= t of dL/dG_u. The kernels' dL/dG (f(q).df(q)
     - f(k).df(k) per token) misses one term: the final state S_{N-1} carries exp(G_{N-1}) as a whole,
-    which adds <dS_{N-1}, S_{N-1}> to dL/dG_{N-1}. Times ln 2, since g = ln 2 * log2 decay."""
+    which adds <dS_{N-1}, S_{N-1}> to dL/dG_{N-1}. Times ln 2, since g = ln 2 * log2 decay.
+    Packed sequences (cu_seqlens): the same within each sequence."""
+    if cu_seqlens is not None:
+        return _packed_log2_decay_grad(dG, dht, ht, cu_seqlens)
     if dht is not None:
         dG[:, -1] += (dht * ht).sum((-2, -1))
     return dG.flip(1).cumsum(1).flip(1) * _LN2
+
+
+def _packed_log2_decay_grad(dG, dht, ht, cu_seqlens):
+    """_log2_decay_grad of packed sequences, without a host sync: the sums run over all T rows and
+    restart at each sequence's end by subtracting the sum from that end on (in float64, so that the
+    difference keeps its digits)."""
+    starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    if dht is not None:  # each sequence's last row; an empty sequence has none (its term: 0)
+        last = (dht * ht).sum((-2, -1)) * (ends > starts)[:, None]  # [S, H]
+        dG[0].index_add_(0, (ends - 1).clamp_min(0), last)
+    suffix = dG[0].double().flip(0).cumsum(0).flip(0)
+    suffix = torch.cat([suffix, suffix.new_zeros(1, suffix.shape[1])])  # [T + 1, H]: nothing after row T - 1
+    rows = torch.arange(dG.shape[1], device=dG.device)
+    end = ends[torch.searchsorted(ends, rows, right=True)]  # where each row's sequence ends
+    return ((suffix[:-1] - suffix[end]) * _LN2).float()[None]
 
 
 def _step_kernel(variant, q, k, v, state, log2_decay, theta, positions, offset):
@@ -388,23 +452,24 @@ def _natural_decay(variant, log2_decay) -> dict:
     return {"g": natural} if variant.decay == "scalar" else {"slopes": -natural}
 
 
-def _reference(variant, q, k, v, log2_decay, theta, h0, offset, final, segments=1):
+def _reference(variant, q, k, v, log2_decay, theta, h0, offset, final, segments=1, cu_seqlens=None):
     assert segments == 1, "sequence splitting runs the kernels only"
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = reference.quadratic(variant, q.to(work), k.to(work), v.to(work), theta=theta, initial_state=h0,
-                              offset=offset, output_final_state=final, **_natural_decay(variant, log2_decay))
+                              offset=offset, output_final_state=final, cu_seqlens=cu_seqlens,
+                              **_natural_decay(variant, log2_decay))
     o, ht = out if final else (out, None)
     return o.to(v.dtype).contiguous(), ht  # the fake op promises the layout of v
 
 
-def _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, segments=1):
+def _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, segments=1, cu_seqlens=None):
     """Gradients of the reference by autograd (runs at the autograd level, not inside the op)."""
     scalar = variant.decay == "scalar"
     inputs = [q, k, v, log2_decay if scalar else None, theta, h0]
     leaves = [None if t is None else t.detach().to(torch.float32).requires_grad_() for t in inputs]
     with torch.enable_grad():
         o, ht = _reference(variant, *leaves[:3], leaves[3] if scalar else log2_decay, leaves[4], leaves[5], offset,
-                           dht is not None)
+                           dht is not None, cu_seqlens=cu_seqlens)
         outputs, grads_out = [o], [do.to(o.dtype)]
         if dht is not None:
             outputs.append(ht)
@@ -422,22 +487,23 @@ def _custom_ops(variant: Variant):
     name = f"lightgen::attn_{variant.hash}"
 
     def forward(q: Tensor, k: Tensor, v: Tensor, log2_decay: MaybeTensor, theta: MaybeTensor,
-                initial_state: MaybeTensor, offset: int, output_final_state: bool, segments: int
-                ) -> tuple[Tensor, Tensor]:
+                initial_state: MaybeTensor, offset: int, output_final_state: bool, segments: int,
+                cu_seqlens: MaybeTensor = None) -> tuple[Tensor, Tensor]:
         if q.shape[1] == 0:
             o = torch.zeros_like(v)
-            ht = _state_like(variant, q).zero_() if initial_state is None else initial_state.clone()
+            ht = _state_like(variant, q, cu_seqlens).zero_() if initial_state is None else initial_state.clone()
         else:
             impl = _forward_kernels if _use_kernels(q) else _reference
-            o, ht = impl(variant, q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments)
+            o, ht = impl(variant, q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments,
+                         cu_seqlens)
         # custom ops return tensors: an empty one stands for "no final state asked for"
         return o, (ht if output_final_state else q.new_empty(0))
 
     def backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, log2_decay: MaybeTensor, theta: MaybeTensor,
-                 initial_state: MaybeTensor, dht: MaybeTensor, final_state: MaybeTensor, offset: int, segments: int
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 initial_state: MaybeTensor, dht: MaybeTensor, final_state: MaybeTensor, offset: int, segments: int,
+                 cu_seqlens: MaybeTensor = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         grads = _backward_kernels(variant, q, k, v, do.contiguous(), log2_decay, theta, initial_state, dht,
-                                  final_state, offset, segments)
+                                  final_state, offset, segments, cu_seqlens)
         # outputs may not alias each other: a fresh empty tensor for each absent gradient
         return tuple(q.new_empty(0) if g is None else g for g in grads)
 
@@ -446,23 +512,23 @@ def _custom_ops(variant: Variant):
     scalar = variant.decay == "scalar"  # the one decay with a gradient (log2_decay is g / ln 2)
 
     @fwd_op.register_fake
-    def _(q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments):
-        return torch.empty_like(v), (_state_like(variant, q) if output_final_state else q.new_empty(0))
+    def _(q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens=None):
+        return torch.empty_like(v), (_state_like(variant, q, cu_seqlens) if output_final_state else q.new_empty(0))
 
     @bwd_op.register_fake
-    def _(q, k, v, do, log2_decay, theta, initial_state, dht, final_state, offset, segments):
+    def _(q, k, v, do, log2_decay, theta, initial_state, dht, final_state, offset, segments, cu_seqlens=None):
         like = (q, k, v, log2_decay if scalar else None, theta, initial_state)
         return tuple(q.new_empty(0) if t is None else torch.empty_like(t) for t in like)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments = inputs
+        q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens = inputs
         # decay=scalar: the final state itself enters dg (see _log2_decay_grad)
         final_state = output[1] if scalar and output_final_state else None
-        ctx.save_for_backward(q, k, v, log2_decay, theta, initial_state, final_state)
+        ctx.save_for_backward(q, k, v, log2_decay, theta, initial_state, final_state, cu_seqlens)
         ctx.offset, ctx.final, ctx.segments = offset, output_final_state, segments
 
     def autograd_backward(ctx, do, dht):
-        q, k, v, log2_decay, theta, h0, ht = ctx.saved_tensors
+        q, k, v, log2_decay, theta, h0, ht, cu_seqlens = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], variant.dv, dtype=v.dtype, device=v.device)
         dht = dht.to(torch.float32).contiguous() if (ctx.final and dht is not None) else None
@@ -472,12 +538,13 @@ def _custom_ops(variant: Variant):
                      None if theta is None else torch.zeros_like(theta), None if h0 is None else dht)
         elif _use_kernels(q):
             grads = bwd_op(q, k, v, do, log2_decay, theta, h0, dht, ht if dht is not None else None, ctx.offset,
-                           ctx.segments)
+                           ctx.segments, cu_seqlens)
         else:  # the reference needs autograd, which is off below the op's dispatch: run it here
-            grads = _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, ctx.offset, ctx.segments)
+            grads = _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, ctx.offset, ctx.segments,
+                                        cu_seqlens)
         dq, dk, dv, dlog2_decay, dtheta, dh0 = grads
         return (dq, dk, dv, dlog2_decay if scalar else None, dtheta if theta is not None else None,
-                dh0 if h0 is not None else None, None, None, None)
+                dh0 if h0 is not None else None, None, None, None, None)
 
     fwd_op.register_autograd(autograd_backward, setup_context=setup_context)
     _OPS[variant.hash] = fwd_op

@@ -117,13 +117,26 @@ def _log_decays(variant, slopes, g, shape, dtype, device):
 
 
 def quadratic(variant, q, k, v, slopes=None, theta=None, initial_state=None, offset=0, output_final_state=False,
-              g=None):
+              g=None, cu_seqlens=None):
     """o (and the final state [B, H, F, dv] if asked), F = dk, or 2 dk under LRPE.
 
     With states (causal only): S_t = lambda_t S_{t-1} + f(k_t)^T v_t from S_{-1} = initial_state,
     o_t = scale f(q_t) S_t, final state S_{N-1}.
+    cu_seqlens [S + 1]: B = 1 holds S sequences back to back (rows cu_seqlens[i] .. cu_seqlens[i+1] - 1),
+    each computed alone as above, from position offset; states [S, H, F, dv].
     """
     variant = as_variant(variant)
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        outs, finals = [], []
+        for i, part in enumerate(slice(a, b) for a, b in zip(bounds, bounds[1:])):
+            out = quadratic(variant, q[:, part], k[:, part], v[:, part], slopes, theta,
+                            None if initial_state is None else initial_state[i:i + 1], offset, output_final_state,
+                            g=None if g is None else g[:, part])
+            outs.append(out[0] if output_final_state else out)
+            finals.append(out[1] if output_final_state else None)
+        o = torch.cat(outs, dim=1)
+        return (o, torch.cat(finals)) if output_final_state else o
     fq = features(variant, q, theta, offset) * variant.scale
     fk = features(variant, k, theta, offset)
     scores = torch.einsum("bthd,bshd->bhts", fq, fk)

@@ -23,13 +23,13 @@ def template_dir() -> Path:
     raise FileNotFoundError(f"lightgen templates not found next to {here}; reinstall lightgen")
 
 
-def source_key(variant: Variant, templates: Path | None = None) -> str:
+def source_key(variant: Variant, templates: Path | None = None, varlen: bool = False) -> str:
     """Hash of the generated source itself: it names the cached file and keys tuned launch configs,
     so a template edit that leaves a variant's kernels as they were keeps their tuned entries."""
     templates = templates or template_dir()
     # on every kernel call: stat the templates (cheap), re-read and hash them only when they changed
     stamps = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(templates.glob("*.j2")))
-    return _rendered_key(variant, str(templates), _templates_digest(str(templates), stamps))
+    return _rendered_key(variant, str(templates), _templates_digest(str(templates), stamps), varlen)
 
 
 @functools.lru_cache(maxsize=16)
@@ -41,11 +41,13 @@ def _templates_digest(templates: str, stamps: tuple) -> str:
 
 
 @functools.lru_cache(maxsize=512)
-def _rendered_key(variant: Variant, templates: str, templates_digest: str) -> str:
-    return hashlib.sha256(render(variant, Path(templates)).encode()).hexdigest()[:20]
+def _rendered_key(variant: Variant, templates: str, templates_digest: str, varlen: bool) -> str:
+    return hashlib.sha256(render(variant, Path(templates), varlen).encode()).hexdigest()[:20]
 
 
-def render(variant: Variant, templates: Path | None = None) -> str:
+def render(variant: Variant, templates: Path | None = None, varlen: bool = False) -> str:
+    """The kernel module's source. varlen=True: the kernels of packed sequences (cu_seqlens), a
+    module of their own, so that the plain kernels' source (and their tuned configs' key) is unchanged."""
     templates = templates or template_dir()
     env = _environment(str(templates))
     feats = features_code(variant)
@@ -97,7 +99,7 @@ def render(variant: Variant, templates: Path | None = None) -> str:
         return f"{base} + {rows}[None, :] * DV + {spec['v_cols']}[:, None]"
 
     return env.get_template(MAIN_TEMPLATE).render(
-        variant=variant, version=__version__, feats=feats,
+        variant=variant, version=__version__, feats=feats, varlen=varlen,
         decay=variant.decay != "none", constant=variant.decay == "constant", scalar=variant.decay == "scalar",
         lrpe=lrpe, decay_grad=decay_grad,
         state_rows="2 * DK" if lrpe else "DK", state_ptrs=state_ptrs,

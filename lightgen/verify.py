@@ -1,6 +1,8 @@
 """Compare a compiled variant with the float64 reference on random inputs (used by `lightgen build` and the tests)."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from . import reference
@@ -66,22 +68,27 @@ def random_log_decays(b, n, h, generator, fast=False) -> torch.Tensor:
     return g
 
 
-def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, states=False, offset=0
-            ) -> dict[str, float]:
+def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, states=False, offset=0,
+            lengths=None) -> dict[str, float]:
     """Relative errors of o, dq, dk, dv (dtheta under LRPE, dg under decay=scalar) against the float64 reference.
 
     states=True also hands in a random initial state and asks for the final state, compares it
     (ht) and the initial state's gradient (dh0), with the loss seeing the final state too.
+    lengths: packed sequences of these lengths instead of b x n (B = 1, passed as cu_seqlens; states per sequence).
     """
     attn = compile_variant(variant)
     variant = attn.variant
+    cu_seqlens = None
+    if lengths is not None:
+        b, n = 1, sum(lengths)
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     q, k, v, do, slopes, theta, g = random_inputs(variant, b, n, h, dtype, device, seed)
     h0 = dht = None
     if states:
         gen = torch.Generator().manual_seed(seed + 1)
-        features = variant.dk * (2 if variant.lrpe == "d" else 1)
-        h0 = (torch.randn(b, h, features, variant.dv, generator=gen) * 0.3).to(device)
-        dht = torch.randn(b, h, features, variant.dv, generator=gen).to(device)
+        shape = (b if lengths is None else len(lengths), h, variant.dk * (2 if variant.lrpe == "d" else 1), variant.dv)
+        h0 = (torch.randn(shape, generator=gen) * 0.3).to(device)
+        dht = torch.randn(shape, generator=gen).to(device)
 
     def run(fn, work, slopes):
         """Output(s) and gradients of fn; inputs in `work` dtype (None: q, k, v as given, theta, g and
@@ -89,7 +96,7 @@ def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, 
         leaves = [t.to(work or t.dtype).clone().requires_grad_() for t in (q, k, v)]
         extra = [None if t is None else t.to(work or torch.float32).clone().requires_grad_() for t in (theta, h0, g)]
         out = fn(*leaves, slopes, extra[0], initial_state=extra[1], output_final_state=states, offset=offset,
-                 g=extra[2])
+                 g=extra[2], cu_seqlens=cu_seqlens)
         o, ht = out if states else (out, None)
         outputs, grads_out = [o], [do.to(work or do.dtype)]
         if states:

@@ -5,14 +5,17 @@ import os
 from lightgen.verify import SLACK, TOLERANCE, compare, failures
 
 
-def check_variant(variant, b, n, h, dtype, device, seed=0, tol=None, states=False, offset=0):
-    """Forward and every input gradient vs the float64 reference; returns the relative errors."""
-    errors = compare(variant, b=b, n=n, h=h, dtype=dtype, device=device, seed=seed, states=states, offset=offset)
+def check_variant(variant, b, n, h, dtype, device, seed=0, tol=None, states=False, offset=0, lengths=None):
+    """Forward and every input gradient vs the float64 reference; returns the relative errors.
+    lengths: packed sequences (cu_seqlens) instead of b x n."""
+    errors = compare(variant, b=b, n=n, h=h, dtype=dtype, device=device, seed=seed, states=states, offset=offset,
+                     lengths=lengths)
     if os.environ.get("LIGHTGEN_ERROR_LOG"):  # for reporting the worst error per dtype (GPU runs)
         with open(os.environ["LIGHTGEN_ERROR_LOG"], "a") as f:
             f.write(json.dumps({"variant": str(variant), "n": n, "dtype": str(dtype), **errors}) + "\n")
     tol = tol or TOLERANCE[dtype]
     bad = failures(errors, dtype, tol)
-    assert not bad, f"{variant}: B={b} N={n} H={h} {dtype}: errors above {tol:g} (dg: x{SLACK['dg']:g}): {bad} " \
+    shape = f"lengths={lengths}" if lengths else f"B={b} N={n}"
+    assert not bad, f"{variant}: {shape} H={h} {dtype}: errors above {tol:g} (dg: x{SLACK['dg']:g}): {bad} " \
                     f"(all: {errors})"
     return errors

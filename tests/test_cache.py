@@ -16,9 +16,9 @@ def fresh_cache(tmp_path, monkeypatch):
     calls = []
     original = build.render
 
-    def counting_render(variant, templates=None):
+    def counting_render(variant, templates=None, varlen=False):
         calls.append(variant)
-        return original(variant, templates)
+        return original(variant, templates, varlen)
 
     monkeypatch.setattr(build, "render", counting_render)
     return calls

@@ -41,18 +41,22 @@ def test_cumulative_decay_far_past_the_float_range(monkeypatch):
     check_variant(variant, b=1, n=n, h=2, dtype=DTYPES[0], device=DEVICE, states=True)  # NaN fails too
 
 
-def test_cpu_reference_path_matches_the_kernels(monkeypatch):
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpu_reference_path_matches_the_kernels(packed, monkeypatch):
     """LIGHTGEN_CPU_REFERENCE=1 runs lightgen.reference instead of the kernels: same o, final state and
-    gradients, dg included (by autograd there, from the kernels' dL/dG parts here)."""
+    gradients, dg included (by autograd there, from the kernels' dL/dG parts here); packed: three
+    sequences, one empty, through cu_seqlens."""
     if DEVICE != "cpu":
         pytest.skip("the reference path is the CPU fallback")
     attn = lightgen.compile("decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=16")
-    q, k, v, do, _, theta, g = random_inputs(attn.variant, 2, 40, 2, torch.float32, DEVICE)
-    h0 = torch.randn(attn.new_state(2, 2).shape) * 0.3
+    batch, cu = (1, torch.tensor([0, 15, 15, 40], dtype=torch.int32)) if packed else (2, None)
+    q, k, v, do, _, theta, g = random_inputs(attn.variant, batch, 40, 2, torch.float32, DEVICE)
+    h0 = torch.randn(attn.new_state(3 if packed else 2, 2).shape) * 0.3
 
     def run():
         leaves = [t.clone().requires_grad_() for t in (q, k, v, theta, h0, g)]
-        o, ht = attn(*leaves[:3], theta=leaves[3], initial_state=leaves[4], output_final_state=True, g=leaves[5])
+        o, ht = attn(*leaves[:3], theta=leaves[3], initial_state=leaves[4], output_final_state=True, g=leaves[5],
+                     cu_seqlens=cu)
         grads = torch.autograd.grad((o, ht), leaves, (do, torch.ones_like(ht)))
         return [o, ht, *grads]
 

@@ -1,0 +1,125 @@
+"""Packed sequences (cu_seqlens): q, k, v [1, T, H, D] hold S sequences back to back, each attended on its
+own with its own states [S, H, F, dv]. Forward and every gradient vs the float64 reference, per-sequence
+independence, both backward paths and several tiles, the op registration, errors. (The CPU reference path:
+test_scalar_decay.py.)"""
+import itertools
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPES
+from helpers import check_variant
+
+import lightgen
+from lightgen import launch
+from lightgen.verify import random_inputs
+
+# empty (first, so its offset is 0 and the next starts at 0 too), one token, a partial chunk before a full
+# one (C = 32 on CPU, 64 on GPU), exactly two chunks, a partial one
+LENGTHS = [0, 1, 45, 64, 17]
+CASES = ["decay=none,causal,dk=16,dv=32", "decay=constant,causal,lrpe=d,phi=silu,dk=32,dv=16",
+         "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=constant,noncausal,lrpe=d,phi=elu+1,dk=16,dv=32",
+         "decay=none,noncausal,dk=32,dv=16"]
+
+
+def _check(spec, dtype=DTYPES[0], lengths=LENGTHS):
+    causal = "noncausal" not in spec
+    check_variant(lightgen.Variant.parse(spec), b=1, n=None, h=2, dtype=dtype, device=DEVICE, states=causal,
+                  offset=3 if causal else 0, lengths=lengths)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", CASES)
+def test_against_reference(spec, dtype):
+    """o, dq, dk, dv (dtheta, dg), and for causal variants the states in and out, with an LRPE offset."""
+    _check(spec, dtype)
+
+
+@pytest.mark.parametrize("tile", [16, None])
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("spec", ["decay=scalar,causal,lrpe=d,phi=silu,dk=32,dv=32",
+                                  "decay=constant,noncausal,phi=silu,dk=32,dv=32"])
+def test_backward_paths_and_tiles(spec, path, tile):
+    with launch.backward(path), launch.override({"BK": tile, "BV": tile} if tile else {}):
+        _check(spec, lengths=[17, 0, 40, 0])  # empty sequences in the middle and last too
+
+
+@pytest.mark.parametrize("spec", ["decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32",
+                                  "decay=constant,noncausal,lrpe=d,phi=silu,dk=16,dv=16"])
+def test_each_sequence_as_its_own_call(spec):
+    """A packed call equals one call per sequence (same chunking, so to rounding): nothing leaks from one
+    sequence into another, however short, and each gets its own states and gradients."""
+    attn = lightgen.compile(spec)
+    causal = attn.variant.causal
+    n = sum(LENGTHS)
+    q, k, v, do, _, theta, g = random_inputs(attn.variant, 1, n, 2, DTYPES[0], DEVICE, seed=5)
+    h0 = torch.randn(len(LENGTHS), *attn.new_state(1, 2).shape[1:], device=DEVICE) if causal else None
+    cu = torch.tensor([0, *itertools.accumulate(LENGTHS)], dtype=torch.int32, device=DEVICE)
+
+    def run(part, state, cu_seqlens):
+        """o, final state and the gradients of (q, k, v, g) over rows `part`, from the state `state`."""
+        leaves = [t[:, part].clone().requires_grad_() for t in (q, k, v)]
+        gate = None if g is None else g[:, part].clone().requires_grad_()
+        out = attn(*leaves, theta=theta, g=gate, initial_state=state, output_final_state=causal,
+                   cu_seqlens=cu_seqlens)
+        o, final = out if causal else (out, None)
+        loss = (o.float() * do[:, part].float()).sum() + (final.square().sum() if causal else 0)
+        wrt = leaves + ([gate] if gate is not None else [])
+        return [o, final, *torch.autograd.grad(loss, wrt)]
+
+    bounds = list(zip(cu.tolist(), cu.tolist()[1:]))
+    with launch.override({}):  # the heuristic's chunk for both, whatever is tuned for either length
+        packed = run(slice(None), h0, cu)
+        alone = [run(slice(start, end), None if h0 is None else h0[i:i + 1], None) for i, (start, end) in enumerate(bounds)]
+    for i, (start, end) in enumerate(bounds):
+        for name, a, b in zip(["o", "final state", "dq", "dk", "dv", "dg"], packed, alone[i]):
+            if b is not None:
+                got = a[i:i + 1] if name == "final state" else a[:, start:end]
+                torch.testing.assert_close(got, b, rtol=1e-4, atol=1e-5, msg=f"sequence {i} ({end - start} tokens): {name}")
+
+
+def test_op_registration():
+    """cu_seqlens is an optional tensor argument of the custom op: schema, fake tensors, autograd."""
+    attn = lightgen.compile("decay=scalar,causal,dk=16,dv=16")
+    q, k, v, _, _, _, g = random_inputs(attn.variant, 1, 40, 2, torch.float32, DEVICE)
+    op = getattr(torch.ops.lightgen, f"attn_{attn.variant.hash}")
+    cu = torch.tensor([0, 7, 40], dtype=torch.int32, device=DEVICE)
+    h0 = torch.randn(2, 2, 16, 16, device=DEVICE)
+    torch.library.opcheck(op, (q, k, v, (g / 0.6931471805599453).requires_grad_(), None, h0, 0, True, 1, cu))
+
+
+def test_bad_cu_seqlens_name_the_argument():
+    attn = lightgen.compile("decay=scalar,causal,lrpe=d,dk=16,dv=16")
+    q, k, v = (torch.randn(1, 30, 2, 16, device=DEVICE) for _ in range(3))
+    theta, g = torch.rand(2, 16, device=DEVICE), -torch.rand(1, 30, 2, device=DEVICE)
+
+    def cu(*offsets, dtype=torch.int32):
+        return torch.tensor(offsets, dtype=dtype, device=DEVICE)
+
+    def call(cu_seqlens, **kw):
+        return attn(*kw.pop("qkv", (q, k, v)), theta=theta, g=kw.pop("g", g), cu_seqlens=cu_seqlens, **kw)
+
+    other = "meta" if DEVICE == "cpu" else "cpu"
+    cases = [
+        (cu(0, 10, 30, dtype=torch.int64), TypeError, "cu_seqlens: expected dtype int32"),
+        ([0, 10, 30], TypeError, "cu_seqlens: expected an int32 torch.Tensor"),
+        (cu(0, 10, 30)[None], ValueError, "cu_seqlens: expected a 1-D"),
+        (cu(0), ValueError, "cu_seqlens: expected a 1-D"),
+        (cu(0, 10, 30).to(other), ValueError, "cu_seqlens: expected device"),
+        (cu(1, 10, 30), ValueError, "cu_seqlens: expected offsets from 0 to N = 30"),
+        (cu(0, 10, 31), ValueError, "cu_seqlens: expected offsets from 0 to N = 30"),
+        (cu(0, 10, 29), ValueError, "cu_seqlens: expected offsets from 0 to N = 30"),
+        (cu(0, 20, 10, 30), ValueError, "cu_seqlens: expected non-decreasing offsets"),
+    ]
+    for cu_seqlens, err, message in cases:
+        with pytest.raises(err) as info:
+            call(cu_seqlens)
+        assert str(info.value).startswith(message), info.value
+    two = [torch.cat([t, t]) for t in (q, k, v)]
+    with pytest.raises(ValueError, match="^cu_seqlens: .* batch size must be 1"):
+        call(cu(0, 10, 30), qkv=two, g=torch.cat([g, g]))
+    with pytest.raises(ValueError, match="^g: expected shape"):
+        call(cu(0, 10, 30), g=g[:, :20])
+    state = attn.new_state(2, 2, DEVICE)  # two sequences: [2, H, F, dv]
+    call(cu(0, 10, 30), initial_state=state)
+    with pytest.raises(ValueError, match=r"^initial_state: expected shape \[2, 2, 32, 16\]"):
+        call(cu(0, 10, 30), initial_state=attn.new_state(1, 2, DEVICE))
