@@ -72,6 +72,8 @@ def space(optuna, variant, kernel: str, default: dict) -> dict:
     """Categorical distributions of the tunable params (the default's values always included)."""
     dim = variant.dk if TILE[kernel] == "BK" else variant.dv
     tiles = [t for t in (*TILES, dim) if t <= dim and dim % t == 0]
+    if kernel == "fwd" and variant.norm != "none":
+        tiles = [dim]  # the fused norm needs the whole row (launch.problem)
     choices = {"C": CHUNKS, TILE[kernel]: tiles, "num_warps": WARPS, "num_stages": STAGES}
     cat = optuna.distributions.CategoricalDistribution
     return {name: cat(sorted(set(values) | {default[name]})) for name, values in choices.items()}
