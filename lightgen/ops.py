@@ -464,7 +464,7 @@ def _custom_ops(variant: Variant):
     name = f"lightgen::attn_{variant.hash}"
 
     def forward(q: Tensor, k: Tensor, v: Tensor, log2_decay: MaybeTensor, theta: MaybeTensor,
-                initial_state: MaybeTensor, offset: int, output_final_state: bool, segments: int, u: MaybeTensor
+                initial_state: MaybeTensor, offset: int, output_final_state: bool, segments: int, u: MaybeTensor = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
         if q.shape[1] == 0:
             y = torch.zeros_like(v)
