@@ -491,7 +491,7 @@ def _custom_ops(variant: Variant):
     scalar = variant.decay == "scalar"  # the one decay with a gradient (log2_decay is g / ln 2)
 
     @fwd_op.register_fake
-    def _(q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments, u):
+    def _(q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments, u=None):
         return (torch.empty_like(v), (_state_like(variant, q) if output_final_state else q.new_empty(0)),
                 torch.empty_like(v) if variant.epilogue else q.new_empty(0))
 
