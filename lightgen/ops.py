@@ -244,7 +244,7 @@ def _check_gate_input(variant, u, v, layout):
     """u, the gate's input: required (v's shape, dtype and device) for gated variants, refused otherwise."""
     if variant.gate == "none":
         if u is not None:
-            raise ValueError(f"u: variant has gate=none, which takes no u (a gate is e.g. gate=silu)")
+            raise ValueError("u: variant has gate=none, which takes no u (a gate is e.g. gate=silu)")
         return None
     if u is None:
         raise ValueError(f"u: variant has gate={variant.gate_name}, which needs u of shape [{layout}, dv] = "
