@@ -30,9 +30,11 @@ def heuristic(variant, kernel: str, interpreted: bool) -> dict:
     """Defaults that are correct everywhere and reasonable on an H100."""
     if kernel == "step":
         return _step_heuristic(variant, interpreted)
-    if interpreted:  # Triton's interpreter: big numpy blocks are fastest, the GPU limits do not apply
-        return {"C": 32, "BK": min(variant.dk, 64), "BV": min(variant.dv, 64), "num_warps": 4, "num_stages": 1}
     bk, bv = min(variant.dk, 64), min(variant.dv, 64)
+    if kernel == "fwd" and variant.norm != "none":
+        bv = variant.dv  # the fused norm needs the whole output row in one program
+    if interpreted:  # Triton's interpreter: big numpy blocks are fastest, the GPU limits do not apply
+        return {"C": 32, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 1}
     # Triton 3.6 on H100 miscompiles some chunk-64 kernels whose output tile is narrower than 64
     # (wrong results or illegal accesses, e.g. C=64, BV=32, 4 warps): narrow tiles get 32-token chunks.
     chunk = 64 if min(bk, bv) >= 64 else 32
@@ -110,8 +112,8 @@ def _power_of_two(x) -> bool:
     return type(x) is int and x > 0 and x & (x - 1) == 0  # type(): bool is an int subclass
 
 
-def problem(p: dict, variant) -> str | None:
-    """Why a params dict cannot be launched for this variant, or None when it is sane."""
+def problem(p: dict, variant, kernel: str | None = None) -> str | None:
+    """Why a params dict cannot be launched for this variant's `kernel`, or None when it is sane."""
     missing = [name for name in PARAM_NAMES if name not in p]
     if missing:
         return f"missing {', '.join(missing)}"
@@ -124,6 +126,8 @@ def problem(p: dict, variant) -> str | None:
         return f"BK={p['BK']} does not divide dk={variant.dk}"
     if variant.dv % p["BV"]:
         return f"BV={p['BV']} does not divide dv={variant.dv}"
+    if kernel == "fwd" and variant.norm != "none" and p["BV"] != variant.dv:
+        return f"BV={p['BV']} < dv={variant.dv}: the fused norm={variant.norm} needs the whole output row (BV = dv)"
     if type(p["num_stages"]) is not int or not 1 <= p["num_stages"] <= 8:
         return f"num_stages={p['num_stages']!r} is not an int in 1..8"
     return None
@@ -153,7 +157,7 @@ def params(variant, kernel: str, dtype: torch.dtype, n: int, device: torch.devic
     forced = _forced["params"]
     if forced is not None:
         chosen = {**heuristic(variant, kernel, interpreted=device.type != "cuda"), **forced}
-        why = problem(chosen, variant)
+        why = problem(chosen, variant, kernel)
         if why is not None:
             raise ValueError(f"launch.override: {why} ({kernel} of {variant})")
         return chosen
@@ -161,7 +165,7 @@ def params(variant, kernel: str, dtype: torch.dtype, n: int, device: torch.devic
         return heuristic(variant, kernel, interpreted=True)
     args = _lookup_args(variant, kernel, dtype, device)
     tuned = configs.lookup(*args, n)
-    why = "missing" if tuned is None else problem(tuned, variant)
+    why = "missing" if tuned is None else problem(tuned, variant, kernel)
     if why is None:
         return tuned
     warned = (why == "missing", variant, kernel, dtype, device)
@@ -176,6 +180,12 @@ def params(variant, kernel: str, dtype: torch.dtype, n: int, device: torch.devic
                        f"invalid ({why}: {tuned}); using the heuristic default. Re-tune: lightgen tune '{variant}'")
         warnings.warn(message, LaunchConfigWarning, stacklevel=3)  # points at the caller of params()
     return heuristic(variant, kernel, interpreted=False)
+
+
+def epilogue_rows(variant) -> int:
+    """Rows per program of bwd_epilogue (each row whole, dv wide): about 4K elements per program,
+    a few loads in flight per thread at 4 warps."""
+    return max(1, 4096 // variant.dv)
 
 
 def segments(variant, shape, dtype, device) -> int:

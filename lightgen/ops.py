@@ -47,6 +47,9 @@ class LinearAttention:
                       head (Mamba2 / simple GLA); any float dtype, used in fp32; learnable (gets dg).
                       Any real g works; g <= 0 keeps the states bounded
       theta  [H, dk]  lrpe=d only, required; learnable (the backward returns its gradient)
+      u [B, N, H, dv] gated variants only (gate=act), required, v's dtype: the output is
+                      SRMSNorm(o) * act(u) (norm=srms; else o * act(u)); learnable (gets du)
+    Variants with norm=srms return SRMSNorm(o) per head and row; the final state is always that of o.
     Any N; accumulation in fp32. Non-contiguous inputs are copied to contiguous ones.
     """
 
@@ -70,9 +73,10 @@ class LinearAttention:
         return self.source_path.read_text()
 
     def __call__(self, q, k, v, slopes=None, theta=None, initial_state=None, output_final_state=False, offset=0,
-                 g=None, cu_seqlens=None):
+                 g=None, cu_seqlens=None, u=None):
         variant = self.variant
         _check_inputs(variant, q, k, v)
+        u = _check_gate_input(variant, u, v, "B, N, H")
         batch, heads = q.shape[0], q.shape[2]
         if cu_seqlens is not None:
             batch = _check_cu_seqlens(cu_seqlens, q)  # states are per sequence
@@ -88,14 +92,15 @@ class LinearAttention:
         split = variant.causal and cu_seqlens is None
         segments = launch.segments(variant, q.shape, q.dtype, q.device) if split else 1
         if segments > 1:
-            o, final_state = self._split(q, k, v, log2_decay, theta, initial_state, offset, segments)
+            o, final_state = self._split(q, k, v, log2_decay, theta, initial_state, offset, segments, u)
         else:
-            o, final_state = self._forward(q, k, v, log2_decay, theta, initial_state, offset,
-                                           bool(output_final_state), 1, cu_seqlens)
+            o, final_state, _ = self._forward(q, k, v, log2_decay, theta, initial_state, offset,
+                                              bool(output_final_state), 1, cu_seqlens, u)
         return (o, final_state) if output_final_state else o
 
-    def step(self, q, k, v, state, slopes=None, theta=None, position=0, g=None):
+    def step(self, q, k, v, state, slopes=None, theta=None, position=0, g=None, u=None):
         """One decode token per sequence (causal variants): S <- lambda S + f(k)^T v, o = scale f(q) S.
+        Variants with an epilogue return epilogue(o, u) (u [B, H, dv] for a gate), applied in PyTorch.
 
         q, k [B, H, dk], v [B, H, dv] -> o [B, H, dv] in v's dtype; g [B, H] the token's log decay
         (decay=scalar: lambda = exp(g)). state [B, H, F, dv] fp32,
@@ -109,9 +114,10 @@ class LinearAttention:
             raise ValueError(f"step: {variant.canonical()} is non-causal; the recurrent step exists for causal "
                              f"variants only")
         _check_inputs(variant, q, k, v, layout="B, H")
+        u = _check_gate_input(variant, u, v, "B, H")
         batch, heads = q.shape[:2]
         if torch.is_grad_enabled():
-            for name, t in (("q", q), ("k", k), ("v", v), ("state", state), ("theta", theta), ("g", g)):
+            for name, t in (("q", q), ("k", k), ("v", v), ("state", state), ("theta", theta), ("g", g), ("u", u)):
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     raise ValueError(f"{name}: requires grad, but the decode step is inference only (it has no "
                                      f"backward); call it under torch.no_grad() or pass {name}.detach()")
@@ -125,8 +131,10 @@ class LinearAttention:
         if batch * heads == 0:
             return torch.empty_like(v)
         impl = _step_kernel if _use_kernels(q) else _step_reference
-        return impl(variant, q.contiguous(), k.contiguous(), v.contiguous(), state, log2_decay, theta,
-                    positions, offset)
+        o = impl(variant, q.contiguous(), k.contiguous(), v.contiguous(), state, log2_decay, theta, positions, offset)
+        if variant.epilogue:  # one token: the epilogue in PyTorch costs about what the step does
+            o = reference.epilogue(variant, o.float(), u).to(v.dtype)
+        return o
 
     def new_state(self, batch, heads, device=None) -> torch.Tensor:
         """A zero state [B, H, F, dv] fp32 for step (F = dk, or 2 dk under LRPE)."""
@@ -168,7 +176,7 @@ class LinearAttention:
             raise ValueError("theta: variant has lrpe=none, which takes no theta")
         return log2_decay, theta
 
-    def _split(self, q, k, v, log2_decay, theta, initial_state, offset, segments):
+    def _split(self, q, k, v, log2_decay, theta, initial_state, offset, segments, u):
         """Sequence splitting for long N and few heads: the sequence becomes `segments` pieces of a
         larger batch, so that more programs run. Pass 1 gets each piece's own final state, a tiny
         decayed prefix sum over pieces gives each piece its incoming state, pass 2 computes the
@@ -179,7 +187,8 @@ class LinearAttention:
         as_pieces = [t.view(b * segments, piece, h, t.shape[-1]) for t in (q, k, v)]
         scalar = self.variant.decay == "scalar"
         kernel_decay = log2_decay.view(b * segments, piece, h) if scalar else log2_decay
-        _, own = self._forward(*as_pieces, kernel_decay, theta, None, offset, True, segments)
+        pieces_u = None if u is None else u.view(b * segments, piece, h, u.shape[-1])
+        _, own, _ = self._forward(*as_pieces, kernel_decay, theta, None, offset, True, segments, None, pieces_u)
         own = own.view(b, segments, *own.shape[1:])  # [B, P, H, F, dv]
         # log2 decay over each piece [B, P, H], then (in float64: no cancellation) from the sequence's
         # start to each piece's start and end
@@ -197,8 +206,8 @@ class LinearAttention:
         incoming = torch.einsum("bpjh,bjhfv->bphfv", weights, own)
         if initial_state is not None:
             incoming = incoming + starts.exp2().float()[..., None, None] * initial_state[:, None]
-        o, last = self._forward(*as_pieces, kernel_decay, theta, incoming.reshape(b * segments, *own.shape[2:]),
-                                offset, True, segments)
+        o, last, _ = self._forward(*as_pieces, kernel_decay, theta, incoming.reshape(b * segments, *own.shape[2:]),
+                                   offset, True, segments, None, pieces_u)
         return o.view(b, n, h, v.shape[-1]), last.view(b, segments, *last.shape[1:])[:, -1]
 
 
@@ -236,6 +245,21 @@ def _check_inputs(variant: Variant, q, k, v, layout="B, N, H"):
         raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"k, v: expected the device of q ({q.device}), got k {k.device}, v {v.device}")
+
+
+def _check_gate_input(variant, u, v, layout):
+    """u, the gate's input: required (v's shape, dtype and device) for gated variants, refused otherwise."""
+    if variant.gate == "none":
+        if u is not None:
+            raise ValueError("u: variant has gate=none, which takes no u (a gate is e.g. gate=silu)")
+        return None
+    if u is None:
+        raise ValueError(f"u: variant has gate={variant.gate_name}, which needs u of shape [{layout}, dv] = "
+                         f"{list(v.shape)} (the gate's input, v's dtype)")
+    _check_param("u", u, v.shape, v.device)
+    if u.dtype != v.dtype:
+        raise TypeError(f"u: expected the dtype of v ({v.dtype}), got {u.dtype}")
+    return u.contiguous()
 
 
 def _check_param(name, t, shape, device):
@@ -355,18 +379,23 @@ def _state_like(variant, q, cu_seqlens=None):
     return torch.empty(_state_shape(variant, batch, q.shape[2]), device=q.device, dtype=torch.float32)
 
 
-def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final, segments, cu_seqlens=None):
+def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final, segments, cu_seqlens=None, u=None):
+    """(output, final state or None, o for the epilogue's backward or None). With an epilogue the
+    kernel writes the attention's o (all the backward needs: rstd comes back from it) and y."""
     module = build.load(variant, varlen=cu_seqlens is not None)
     o = torch.empty_like(v)
     ht = _state_like(variant, q, cu_seqlens) if final else None
-    _launch(module, variant, "fwd", q, "BV", (q, k, v, o, h0, ht, log2_decay, theta), offset, segments,
-            cu_seqlens, HAS_INIT=h0 is not None, HAS_FINAL=final)
-    return o, ht
+    y = torch.empty_like(v) if variant.epilogue else None
+    _launch(module, variant, "fwd", q, "BV", (q, k, v, o, h0, ht, log2_decay, theta, *((u, y) if y is not None else ())),
+            offset, segments, cu_seqlens, HAS_INIT=h0 is not None, HAS_FINAL=final)
+    return (y, ht, o) if y is not None else (o, ht, None)
 
 
-def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offset, segments, cu_seqlens=None):
+def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offset, segments, cu_seqlens=None,
+                      o=None, u=None):
     module = build.load(variant, varlen=cu_seqlens is not None)
     b, n, h, _ = q.shape
+    do, du = _epilogue_backward(module, variant, o, u, do) if variant.epilogue else (do, None)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lrpe = variant.lrpe == "d"
     sequences = b if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -392,7 +421,16 @@ def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offs
                 segments, cu_seqlens, **states)
     dtheta = (dth_q + dth_k).view(sequences, h, variant.dk).sum(0) if lrpe else None
     dlog2_decay = _log2_decay_grad(dG_q + dG_k, dht, ht, cu_seqlens) if scalar else None
-    return dq, dk, dv, dlog2_decay, dtheta, dh0
+    return dq, dk, dv, dlog2_decay, dtheta, dh0, du
+
+
+def _epilogue_backward(module, variant, o, u, dy):
+    """bwd_epilogue: from the output's gradient dy, the attention's (do) and the gate input's (du)."""
+    do = torch.empty_like(o)
+    du = torch.empty_like(u) if u is not None else None
+    rows, per_program = o.numel() // variant.dv, launch.epilogue_rows(variant)
+    module.bwd_epilogue[(-(-rows // per_program),)](o, u, dy, do, du, rows, DV=variant.dv, BR=per_program)
+    return do, du
 
 
 def _log2_decay_grad(dG, dht, ht, cu_seqlens=None):
@@ -452,24 +490,29 @@ def _natural_decay(variant, log2_decay) -> dict:
     return {"g": natural} if variant.decay == "scalar" else {"slopes": -natural}
 
 
-def _reference(variant, q, k, v, log2_decay, theta, h0, offset, final, segments=1, cu_seqlens=None):
+def _reference(variant, q, k, v, log2_decay, theta, h0, offset, final, segments=1, cu_seqlens=None, u=None):
+    """Like _forward_kernels, by the PyTorch reference."""
     assert segments == 1, "sequence splitting runs the kernels only"
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = reference.quadratic(variant, q.to(work), k.to(work), v.to(work), theta=theta, initial_state=h0,
-                              offset=offset, output_final_state=final, cu_seqlens=cu_seqlens,
+    out = reference.quadratic(variant.without_epilogue, q.to(work), k.to(work), v.to(work), theta=theta,
+                              initial_state=h0, offset=offset, output_final_state=final, cu_seqlens=cu_seqlens,
                               **_natural_decay(variant, log2_decay))
     o, ht = out if final else (out, None)
-    return o.to(v.dtype).contiguous(), ht  # the fake op promises the layout of v
+    if not variant.epilogue:
+        return o.to(v.dtype).contiguous(), ht, None  # the fake op promises the layout of v
+    y = reference.epilogue(variant, o, u)
+    return y.to(v.dtype).contiguous(), ht, o.to(v.dtype).contiguous()
 
 
-def _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, segments=1, cu_seqlens=None):
+def _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, segments=1, cu_seqlens=None,
+                        u=None):
     """Gradients of the reference by autograd (runs at the autograd level, not inside the op)."""
     scalar = variant.decay == "scalar"
-    inputs = [q, k, v, log2_decay if scalar else None, theta, h0]
+    inputs = [q, k, v, log2_decay if scalar else None, theta, h0, u]
     leaves = [None if t is None else t.detach().to(torch.float32).requires_grad_() for t in inputs]
     with torch.enable_grad():
-        o, ht = _reference(variant, *leaves[:3], leaves[3] if scalar else log2_decay, leaves[4], leaves[5], offset,
-                           dht is not None, cu_seqlens=cu_seqlens)
+        o, ht, _ = _reference(variant, *leaves[:3], leaves[3] if scalar else log2_decay, leaves[4], leaves[5], offset,
+                              dht is not None, cu_seqlens=cu_seqlens, u=leaves[6])
         outputs, grads_out = [o], [do.to(o.dtype)]
         if dht is not None:
             outputs.append(ht)
@@ -488,22 +531,25 @@ def _custom_ops(variant: Variant):
 
     def forward(q: Tensor, k: Tensor, v: Tensor, log2_decay: MaybeTensor, theta: MaybeTensor,
                 initial_state: MaybeTensor, offset: int, output_final_state: bool, segments: int,
-                cu_seqlens: MaybeTensor = None) -> tuple[Tensor, Tensor]:
+                cu_seqlens: MaybeTensor = None, u: MaybeTensor = None) -> tuple[Tensor, Tensor, Tensor]:
         if q.shape[1] == 0:
-            o = torch.zeros_like(v)
+            y = torch.zeros_like(v)
             ht = _state_like(variant, q, cu_seqlens).zero_() if initial_state is None else initial_state.clone()
+            o = torch.zeros_like(v) if variant.epilogue else None
         else:
             impl = _forward_kernels if _use_kernels(q) else _reference
-            o, ht = impl(variant, q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments,
-                         cu_seqlens)
-        # custom ops return tensors: an empty one stands for "no final state asked for"
-        return o, (ht if output_final_state else q.new_empty(0))
+            y, ht, o = impl(variant, q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments,
+                            cu_seqlens, u=u)
+        # custom ops return tensors: an empty one stands for "no final state asked for" (and, without an
+        # epilogue, for the attention's own o, which the epilogue's backward takes)
+        return y, (ht if output_final_state else q.new_empty(0)), (q.new_empty(0) if o is None else o)
 
     def backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, log2_decay: MaybeTensor, theta: MaybeTensor,
                  initial_state: MaybeTensor, dht: MaybeTensor, final_state: MaybeTensor, offset: int, segments: int,
-                 cu_seqlens: MaybeTensor = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 cu_seqlens: MaybeTensor, o: MaybeTensor, u: MaybeTensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         grads = _backward_kernels(variant, q, k, v, do.contiguous(), log2_decay, theta, initial_state, dht,
-                                  final_state, offset, segments, cu_seqlens)
+                                  final_state, offset, segments, cu_seqlens, o, u)
         # outputs may not alias each other: a fresh empty tensor for each absent gradient
         return tuple(q.new_empty(0) if g is None else g for g in grads)
 
@@ -512,39 +558,42 @@ def _custom_ops(variant: Variant):
     scalar = variant.decay == "scalar"  # the one decay with a gradient (log2_decay is g / ln 2)
 
     @fwd_op.register_fake
-    def _(q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens=None):
-        return torch.empty_like(v), (_state_like(variant, q, cu_seqlens) if output_final_state else q.new_empty(0))
+    def _(q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens=None, u=None):
+        return (torch.empty_like(v), (_state_like(variant, q, cu_seqlens) if output_final_state else q.new_empty(0)),
+                torch.empty_like(v) if variant.epilogue else q.new_empty(0))
 
     @bwd_op.register_fake
-    def _(q, k, v, do, log2_decay, theta, initial_state, dht, final_state, offset, segments, cu_seqlens=None):
-        like = (q, k, v, log2_decay if scalar else None, theta, initial_state)
+    def _(q, k, v, do, log2_decay, theta, initial_state, dht, final_state, offset, segments, cu_seqlens, o, u):
+        like = (q, k, v, log2_decay if scalar else None, theta, initial_state, u)
         return tuple(q.new_empty(0) if t is None else torch.empty_like(t) for t in like)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens = inputs
+        q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens, u = inputs
         # decay=scalar: the final state itself enters dg (see _log2_decay_grad)
         final_state = output[1] if scalar and output_final_state else None
-        ctx.save_for_backward(q, k, v, log2_decay, theta, initial_state, final_state, cu_seqlens)
+        o = output[2] if variant.epilogue else None  # the attention's own output, for the epilogue's backward
+        ctx.save_for_backward(q, k, v, log2_decay, theta, initial_state, final_state, cu_seqlens, o, u)
         ctx.offset, ctx.final, ctx.segments = offset, output_final_state, segments
 
-    def autograd_backward(ctx, do, dht):
-        q, k, v, log2_decay, theta, h0, ht, cu_seqlens = ctx.saved_tensors
+    def autograd_backward(ctx, do, dht, _do_inner):  # the third output (o) is internal: never used outside
+        q, k, v, log2_decay, theta, h0, ht, cu_seqlens, o, u = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], variant.dv, dtype=v.dtype, device=v.device)
         dht = dht.to(torch.float32).contiguous() if (ctx.final and dht is not None) else None
         if q.shape[1] == 0:
             grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                      torch.zeros_like(log2_decay) if scalar else None,
-                     None if theta is None else torch.zeros_like(theta), None if h0 is None else dht)
+                     None if theta is None else torch.zeros_like(theta), None if h0 is None else dht,
+                     None if u is None else torch.zeros_like(u))
         elif _use_kernels(q):
             grads = bwd_op(q, k, v, do, log2_decay, theta, h0, dht, ht if dht is not None else None, ctx.offset,
-                           ctx.segments, cu_seqlens)
+                           ctx.segments, cu_seqlens, o, u)
         else:  # the reference needs autograd, which is off below the op's dispatch: run it here
             grads = _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, ctx.offset, ctx.segments,
-                                        cu_seqlens)
-        dq, dk, dv, dlog2_decay, dtheta, dh0 = grads
+                                        cu_seqlens, u=u)
+        dq, dk, dv, dlog2_decay, dtheta, dh0, du = grads
         return (dq, dk, dv, dlog2_decay if scalar else None, dtheta if theta is not None else None,
-                dh0 if h0 is not None else None, None, None, None, None)
+                dh0 if h0 is not None else None, None, None, None, None, du if u is not None else None)
 
     fwd_op.register_autograd(autograd_backward, setup_context=setup_context)
     _OPS[variant.hash] = fwd_op

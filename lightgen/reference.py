@@ -6,6 +6,7 @@ All functions take the public layout q, k [B, N, H, dk], v [B, N, H, dv] and ret
 
     quadratic  o = (scale f(q) f(k)^T  *  W) v            W[t, s] = lambda^|t-s| (masked s <= t if causal)
     recurrent  S_t = lambda S_{t-1} + f(k_t)^T v_t ;  o_t = scale f(q_t) S_t   (and a reverse scan if non-causal)
+    epilogue   the fused epilogue (norm=srms, gate=act): SRMSNorm(o) * act(u), applied by quadratic
     step       one token of `recurrent` per sequence (the decode step): q, k [B, H, dk], v [B, H, dv]
 decay=scalar (causal): lambda_t = exp(g_t) per token and head, g [B, N, H] (g [B, H] for step), so
 W[t, s] = exp(G_t - G_s) with G_t = g_0 + ... + g_t; its gradient comes from autograd like the others'.
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .spec import Variant, as_variant
-from .symbolic import feature_map, x as _x
+from .symbolic import feature_map, gate_act, x as _x
 
 _KNOWN = {
     "identity": lambda t: t,
@@ -27,6 +28,8 @@ _KNOWN = {
     "elu+1": lambda t: F.elu(t) + 1,
     "relu": F.relu,
 }
+
+_KNOWN_GATES = {"identity": lambda t: t, "sigmoid": torch.sigmoid, "silu": F.silu}
 
 _TORCH_FUNCS = {"exp": torch.exp, "log": torch.log, "sin": torch.sin, "cos": torch.cos,
                 "Abs": torch.abs, "sign": torch.sign, "sigmoid": torch.sigmoid}
@@ -74,6 +77,23 @@ def phi(variant: Variant, x: torch.Tensor) -> torch.Tensor:
     return _evaluate(feature_map(variant.phi), x)
 
 
+def gate(variant: Variant, u: torch.Tensor) -> torch.Tensor:
+    """act(u), the output gate's activation."""
+    if variant.gate in _KNOWN_GATES:
+        return _KNOWN_GATES[variant.gate](u)
+    return _evaluate(gate_act(variant.gate), u)
+
+
+def epilogue(variant: Variant, o: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused epilogue: SRMSNorm of each head's row (norm=srms), then times act(u) (a gate)."""
+    variant = as_variant(variant)
+    if variant.norm == "srms":
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + variant.eps)
+    if variant.gate != "none":
+        o = o * gate(variant, u.to(o.dtype))
+    return o
+
+
 def features(variant: Variant, x: torch.Tensor, theta: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """f(x): phi, then LRPE-d [phi(x) cos(t theta), phi(x) sin(t theta)] on the last dim (t = offset + index)."""
     fx = phi(variant, x)
@@ -117,15 +137,20 @@ def _log_decays(variant, slopes, g, shape, dtype, device):
 
 
 def quadratic(variant, q, k, v, slopes=None, theta=None, initial_state=None, offset=0, output_final_state=False,
-              g=None, cu_seqlens=None):
+              g=None, cu_seqlens=None, u=None):
     """o (and the final state [B, H, F, dv] if asked), F = dk, or 2 dk under LRPE.
 
     With states (causal only): S_t = lambda_t S_{t-1} + f(k_t)^T v_t from S_{-1} = initial_state,
-    o_t = scale f(q_t) S_t, final state S_{N-1}.
+    o_t = scale f(q_t) S_t, final state S_{N-1}. Variants with an epilogue return epilogue(o, u)
+    (u [B, N, H, dv] for a gate); the final state is that of the attention itself.
     cu_seqlens [S + 1]: B = 1 holds S sequences back to back (rows cu_seqlens[i] .. cu_seqlens[i+1] - 1),
     each computed alone as above, from position offset; states [S, H, F, dv].
     """
     variant = as_variant(variant)
+    if variant.epilogue:
+        out = quadratic(variant.without_epilogue, q, k, v, slopes, theta, initial_state, offset, output_final_state, g,
+                        cu_seqlens)
+        return (epilogue(variant, out[0], u), out[1]) if output_final_state else epilogue(variant, out, u)
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         outs, finals = [], []

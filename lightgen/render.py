@@ -9,7 +9,7 @@ import jinja2
 
 from . import __version__
 from .spec import Variant
-from .symbolic import decay_code, features_code
+from .symbolic import decay_code, features_code, gate_code
 
 MAIN_TEMPLATE = "kernels.py.j2"
 
@@ -98,10 +98,25 @@ def render(variant: Variant, templates: Path | None = None, varlen: bool = False
             return f"{base} + {rows}[:, None] * DV + {spec['v_cols']}[None, :]"
         return f"{base} + {rows}[None, :] * DV + {spec['v_cols']}[:, None]"
 
+    def output_epilogue():
+        """The fused epilogue on the finished output rows out_v (fp32; under norm=srms the tile is the
+        whole row): Y = SRMSNorm(o) * act(u). o itself is already stored (the backward needs it)."""
+        lines = ["# fused epilogue: " + " then ".join(
+            (["y = o / sqrt(mean(o**2) + eps) (the tile is the whole row)"] if variant.norm == "srms" else [])
+            + (["y * act(u)"] if variant.gate != "none" else []))]
+        if variant.norm == "srms":
+            lines.append(f"out_v = out_v * (1.0 / tl.sqrt(tl.sum(out_v * out_v, axis=1) / DV + {variant.eps!r}))[:, None]")
+        if variant.gate != "none":
+            lines.append("u = tl.load(u_ptr + rows[:, None] * H * DV + tile[None, :], mask=mask[:, None], other=0.0)")
+            lines.append("out_v = out_v * _gate(u.to(tl.float32))")
+        return lines + store("y_ptr", "H * DV", "tile", "out_v", "Y", False)
+
     return env.get_template(MAIN_TEMPLATE).render(
         variant=variant, version=__version__, feats=feats, varlen=varlen,
         decay=variant.decay != "none", constant=variant.decay == "constant", scalar=variant.decay == "scalar",
         lrpe=lrpe, decay_grad=decay_grad,
+        epilogue=variant.epilogue, gate=gate_code(variant) if variant.gate != "none" else None,
+        output_epilogue=output_epilogue,
         state_rows="2 * DK" if lrpe else "DK", state_ptrs=state_ptrs,
         parts=parts, features=features, scaled=scaled, masked=masked, chain=chain, store=store,
         zip_parts=lambda a, b: list(zip(parts(a), parts(b))),

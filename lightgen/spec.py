@@ -15,16 +15,25 @@ Grammar of the text form (comma-separated, order free, whitespace ignored):
                                expression in x, e.g. phi=x**2 or phi=1+elu(x); default identity
     dk=INT, dv=INT             head dims: powers of two in 16..256 (required)
     scale=FLOAT                multiplies q·k; default dk**-0.5
+    norm=none|srms             fused epilogue: SRMSNorm of each head's output row, o / sqrt(mean(o**2) + eps),
+                               no learned scale; default none
+    eps=FLOAT                  the norm's eps (norm=srms only); default 1e-6 (TransNormerLLM's)
+    gate=none|NAME|EXPR        fused epilogue: the output times act(u), u an input like v; act a known name
+                               (identity, sigmoid, silu) or a sympy expression in x like phi; default none
 Commas inside parentheses belong to the expression: phi=Max(x,0) works.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
 
 DECAYS = ("none", "constant", "scalar")
 LRPES = ("none", "d")
+NORMS = ("none", "srms")
+DEFAULT_EPS = 1e-6  # TransNormerLLM's SRMSNorm eps
+KEYS = "decay, causal, lrpe, phi, dk, dv, scale, norm, eps, gate"
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -37,8 +46,12 @@ class Variant:
     lrpe: str = "none"
     phi: str = "identity"
     scale: float | None = None
-    # canonical sympy text of phi, filled in by __post_init__ (part of the hash)
+    norm: str = "none"
+    eps: float | None = None  # norm=srms only; DEFAULT_EPS when omitted
+    gate: str = "none"
+    # canonical sympy text of phi (and of the gate's act), filled in by __post_init__ (part of the hash)
     phi_expr: str = field(default="", compare=False, repr=False)
+    gate_expr: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self):
         from .symbolic import feature_map  # late import: sympy is only needed here
@@ -63,6 +76,19 @@ class Variant:
             raise ValueError(f"scale={self.scale!r}: expected a positive finite float")
         object.__setattr__(self, "scale", float(scale))
         object.__setattr__(self, "phi_expr", str(feature_map(self.phi)))
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r}: expected one of {', '.join(NORMS)}")
+        if self.norm == "none" and self.eps is not None:
+            raise ValueError(f"eps={self.eps!r}: the norm's eps, but the variant has norm=none (use norm=srms)")
+        if self.norm == "srms":
+            eps = DEFAULT_EPS if self.eps is None else self.eps
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+                raise ValueError(f"eps={self.eps!r}: expected a positive finite float")
+            object.__setattr__(self, "eps", float(eps))
+        if self.gate != "none":
+            from .symbolic import gate_act
+
+            object.__setattr__(self, "gate_expr", str(gate_act(self.gate)))
 
     # ---- text form -------------------------------------------------------
     @classmethod
@@ -81,21 +107,21 @@ class Variant:
                     raise ValueError(f"spec item {item!r}: causal expects true or false")
                 fields["causal"] = value.lower() in ("true", "1", "yes")
             elif not sep or not value:
-                raise ValueError(f"spec item {item!r}: expected key=value (keys: decay, causal, lrpe, phi, dk, dv, scale)")
+                raise ValueError(f"spec item {item!r}: expected key=value (keys: {KEYS})")
             elif key in ("dk", "dv"):
                 try:
                     fields[key] = int(value)
                 except ValueError:
                     raise ValueError(f"spec item {item!r}: {key} expects an integer") from None
-            elif key == "scale":
+            elif key in ("scale", "eps"):
                 try:
                     fields[key] = float(value)
                 except ValueError:
-                    raise ValueError(f"spec item {item!r}: scale expects a number") from None
-            elif key in ("decay", "lrpe", "phi"):
+                    raise ValueError(f"spec item {item!r}: {key} expects a number") from None
+            elif key in ("decay", "lrpe", "phi", "norm", "gate"):
                 fields[key] = value
             else:
-                raise ValueError(f"spec item {item!r}: unknown key {key!r} (keys: decay, causal, lrpe, phi, dk, dv, scale)")
+                raise ValueError(f"spec item {item!r}: unknown key {key!r} (keys: {KEYS})")
         for required in ("dk", "dv"):
             if required not in fields:
                 raise ValueError(f"spec={spec!r}: missing {required}=INT")
@@ -104,6 +130,11 @@ class Variant:
     def canonical(self) -> str:
         parts = [f"decay={self.decay}", "causal" if self.causal else "noncausal", f"lrpe={self.lrpe}",
                  f"phi={self.phi_name}", f"dk={self.dk}", f"dv={self.dv}", f"scale={self.scale!r}"]
+        # the epilogue keys appear only when used: variants without one keep their text and hash
+        if self.norm != "none":
+            parts += [f"norm={self.norm}", f"eps={self.eps!r}"]
+        if self.gate != "none":
+            parts.append(f"gate={self.gate_name}")
         return ",".join(parts)
 
     __str__ = canonical
@@ -116,16 +147,35 @@ class Variant:
         return self.phi if self.phi in KNOWN_FEATURE_MAPS else self.phi_expr
 
     @property
+    def gate_name(self) -> str:
+        """The gate's known name when it is one (or none), else the canonical sympy text of act."""
+        from .symbolic import KNOWN_GATES
+
+        return self.gate if self.gate in KNOWN_GATES or self.gate == "none" else self.gate_expr
+
+    @property
+    def epilogue(self) -> bool:
+        """Whether the forward kernel applies a norm and / or a gate to its output."""
+        return self.norm != "none" or self.gate != "none"
+
+    @property
+    def without_epilogue(self) -> "Variant":
+        """The same attention without norm and gate (what the fused epilogue is applied to)."""
+        return dataclasses.replace(self, norm="none", eps=None, gate="none")
+
+    @property
     def hash(self) -> str:
-        # phi_expr (not the name) is hashed: 'silu' and 'x/(1+exp(-x))' are the same kernel.
+        # phi_expr (not the name) is hashed: 'silu' and 'x/(1+exp(-x))' are the same kernel; the same for the gate.
         text = self.canonical().replace(f"phi={self.phi_name}", f"phi={self.phi_expr}")
+        if self.gate != "none":
+            text = text.replace(f"gate={self.gate_name}", f"gate={self.gate_expr}")
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
     def slug(self) -> str:
         """Short readable file-name stem."""
         return (f"{'causal' if self.causal else 'noncausal'}_{self.decay}_lrpe{self.lrpe}_"
-                f"dk{self.dk}_dv{self.dv}")
+                f"dk{self.dk}_dv{self.dv}" + ("_epilogue" if self.epilogue else ""))
 
 
 def as_variant(spec) -> Variant:

@@ -3,6 +3,7 @@
 Templates never contain a hand-written derivative. They call the functions generated here:
   _features(x[, t, th])            the feature map phi, then LRPE's rotation (if any)
   _features_grad(x, [t, th,] g..)  its vector-Jacobian product (input grad, and theta grad under LRPE)
+  _gate(x), _gate_grad(x)          the output gate's activation and its derivative (gated variants)
 Both are built from one sympy expression per variant and differentiated by sympy.
 """
 from __future__ import annotations
@@ -56,32 +57,51 @@ KNOWN_FEATURE_MAPS = {
 }
 
 
+KNOWN_GATES = {
+    "identity": x,
+    "sigmoid": sigmoid(x),
+    "silu": x * sigmoid(x),
+}
+
+
 @functools.lru_cache(maxsize=None)
 def feature_map(phi: str) -> sympy.Expr:
     """phi as a sympy expression in x: a known name or an expression text."""
-    if not isinstance(phi, str) or not phi.strip():
-        raise ValueError(f"phi={phi!r}: expected a known name ({', '.join(KNOWN_FEATURE_MAPS)}) or an expression in x")
-    if phi in KNOWN_FEATURE_MAPS:
-        return KNOWN_FEATURE_MAPS[phi]
+    return elementwise("phi", phi, KNOWN_FEATURE_MAPS)
+
+
+@functools.lru_cache(maxsize=None)
+def gate_act(gate: str) -> sympy.Expr:
+    """The output gate's activation act (the epilogue multiplies o by act(u)): a name or an expression in x."""
+    return elementwise("gate", gate, KNOWN_GATES)
+
+
+def elementwise(key: str, text: str, known: dict) -> sympy.Expr:
+    """A spec's elementwise function of x (`key`=text) as sympy: a known name or an expression text,
+    checked to have a Triton translation, derivative included."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{key}={text!r}: expected a known name ({', '.join(known)}) or an expression in x")
+    if text in known:
+        return known[text]
     try:
-        expr = sympy.parse_expr(phi, local_dict=dict(_NAMESPACE), evaluate=True)
+        expr = sympy.parse_expr(text, local_dict=dict(_NAMESPACE), evaluate=True)
     except Exception as err:  # sympy raises many types for bad text
-        raise ValueError(f"phi={phi!r}: not a known name ({', '.join(KNOWN_FEATURE_MAPS)}) "
+        raise ValueError(f"{key}={text!r}: not a known name ({', '.join(known)}) "
                          f"and not a valid expression in x ({type(err).__name__}: {err})") from None
     if not isinstance(expr, sympy.Expr):
-        raise ValueError(f"phi={phi!r}: expected an expression in x, got {type(expr).__name__}")
+        raise ValueError(f"{key}={text!r}: expected an expression in x, got {type(expr).__name__}")
     unknown = sorted({type(f).__name__ for f in expr.atoms(AppliedUndef)})
     if unknown:
-        raise ValueError(f"phi={phi!r}: unknown function(s) {', '.join(unknown)}; "
+        raise ValueError(f"{key}={text!r}: unknown function(s) {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(k for k in _NAMESPACE if k != 'x'))}")
     extra = sorted(str(s) for s in expr.free_symbols if s != x)
     if extra:
-        raise ValueError(f"phi={phi!r}: the only free symbol allowed is x, found {', '.join(extra)}")
+        raise ValueError(f"{key}={text!r}: the only free symbol allowed is x, found {', '.join(extra)}")
     try:  # fail now, not at kernel build time, on functions Triton lacks
         to_triton(expr)
         to_triton(sympy.diff(expr, x))
     except ValueError as err:
-        raise ValueError(f"phi={phi!r}: {err}") from None
+        raise ValueError(f"{key}={text!r}: {err}") from None
     return expr
 
 
@@ -218,3 +238,10 @@ def decay_code(variant, log2_decay: str, distance: str) -> str:
         return "1.0"
     ld, d = sympy.Symbol(log2_decay), sympy.Symbol(distance)
     return to_triton(2 ** (ld * d))
+
+
+def gate_code(variant) -> dict:
+    """Code for the output gate act(u) and its derivative act'(u) (bodies of _gate and _gate_grad)."""
+    act = gate_act(variant.gate)
+    return {"fwd_lines": _body([act], ["a"]), "bwd_lines": _body([sympy.diff(act, x)], ["da"]),
+            "act_text": str(act), "dact_text": str(sympy.diff(act, x))}

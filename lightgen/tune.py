@@ -72,6 +72,8 @@ def space(optuna, variant, kernel: str, default: dict) -> dict:
     """Categorical distributions of the tunable params (the default's values always included)."""
     dim = variant.dk if TILE[kernel] == "BK" else variant.dv
     tiles = [t for t in (*TILES, dim) if t <= dim and dim % t == 0]
+    if kernel == "fwd" and variant.norm != "none":
+        tiles = [dim]  # the fused norm needs the whole row (launch.problem)
     choices = {"C": CHUNKS, TILE[kernel]: tiles, "num_warps": WARPS, "num_stages": STAGES}
     cat = optuna.distributions.CategoricalDistribution
     return {name: cat(sorted(set(values) | {default[name]})) for name, values in choices.items()}
@@ -396,6 +398,7 @@ class _Case:
         self.theta = torch.rand(h, variant.dk, device=device, generator=g) * 0.5 if variant.lrpe == "d" else None
         self.g = random_log_decays(b, n, h, torch.Generator().manual_seed(0)).to(device) \
             if variant.decay == "scalar" else None
+        self.u = randn(variant.dv) if variant.gate != "none" else None  # the fused epilogue's gate input
         self.launches = self._capture()
         self.kernels: dict = {}
 
@@ -411,7 +414,8 @@ class _Case:
             for path in launch.BACKWARDS:  # the backward's two ways: tune the kernels of both
                 with launch.backward(path):
                     leaves = [t.detach().requires_grad_() for t in (self.q, self.k, self.v)]
-                    extra = {name: t for name, t in (("slopes", self.slopes), ("g", self.g)) if t is not None}
+                    extra = {name: t for name, t in (("slopes", self.slopes), ("g", self.g), ("u", self.u))
+                             if t is not None}
                     self.attn(*leaves, theta=self.theta, **extra).backward(self.do)
         finally:
             ops._launch = real

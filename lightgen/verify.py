@@ -54,6 +54,14 @@ def random_inputs(variant, b, n, h, dtype, device, seed=0):
     return cast(q), cast(k), cast(v), cast(do), place(slopes), place(theta), place(g)
 
 
+def random_gate_input(variant, b, n, h, dtype, device, seed=0):
+    """u [B, N, H, dv] for gated variants (standard normal, in dtype), else None."""
+    if variant.gate == "none":
+        return None
+    gen = torch.Generator().manual_seed(seed + 2)
+    return torch.randn(b, n, h, variant.dv, generator=gen).to(device, dtype)
+
+
 def random_log_decays(b, n, h, generator, fast=False) -> torch.Tensor:
     """g [B, N, H] < 0: around the constant-decay tests' rates (-tnl_slopes per head), each token's
     rate scaled by e^N(0,1), so the decay is data-dependent and spans the range of the constant tests.
@@ -70,7 +78,8 @@ def random_log_decays(b, n, h, generator, fast=False) -> torch.Tensor:
 
 def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, states=False, offset=0,
             lengths=None) -> dict[str, float]:
-    """Relative errors of o, dq, dk, dv (dtheta under LRPE, dg under decay=scalar) against the float64 reference.
+    """Relative errors of o, dq, dk, dv (dtheta under LRPE, dg under decay=scalar, du for a gate) against the
+    float64 reference.
 
     states=True also hands in a random initial state and asks for the final state, compares it
     (ht) and the initial state's gradient (dh0), with the loss seeing the final state too.
@@ -83,6 +92,7 @@ def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, 
         b, n = 1, sum(lengths)
         cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     q, k, v, do, slopes, theta, g = random_inputs(variant, b, n, h, dtype, device, seed)
+    u = random_gate_input(variant, b, n, h, dtype, device, seed)
     h0 = dht = None
     if states:
         gen = torch.Generator().manual_seed(seed + 1)
@@ -93,16 +103,16 @@ def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, 
     def run(fn, work, slopes):
         """Output(s) and gradients of fn; inputs in `work` dtype (None: q, k, v as given, theta, g and
         the state in fp32, as a caller would pass them)."""
-        leaves = [t.to(work or t.dtype).clone().requires_grad_() for t in (q, k, v)]
+        leaves = [None if t is None else t.to(work or t.dtype).clone().requires_grad_() for t in (q, k, v, u)]
         extra = [None if t is None else t.to(work or torch.float32).clone().requires_grad_() for t in (theta, h0, g)]
-        out = fn(*leaves, slopes, extra[0], initial_state=extra[1], output_final_state=states, offset=offset,
-                 g=extra[2], cu_seqlens=cu_seqlens)
+        out = fn(*leaves[:3], slopes, extra[0], initial_state=extra[1], output_final_state=states, offset=offset,
+                 g=extra[2], cu_seqlens=cu_seqlens, u=leaves[3])
         o, ht = out if states else (out, None)
         outputs, grads_out = [o], [do.to(work or do.dtype)]
         if states:
             outputs.append(ht)
             grads_out.append(dht.to(ht.dtype))
-        wrt = leaves + [t for t in extra if t is not None]
+        wrt = [t for t in leaves + extra if t is not None]
         return [o, ht], torch.autograd.grad(outputs, wrt, grads_out)
 
     (o, ht), grads = run(attn, None, slopes)
@@ -111,8 +121,8 @@ def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, 
     ref_slopes = slopes.double() if slopes is not None else None
     (ref_o, ref_ht), ref_grads = run(lambda *a, **kw: reference.quadratic(variant, *a, **kw), torch.float64,
                                      ref_slopes)
-    names = ["dq", "dk", "dv"] + (["dtheta"] if theta is not None else []) + (["dh0"] if states else []) \
-        + (["dg"] if g is not None else [])
+    names = ["dq", "dk", "dv"] + (["du"] if u is not None else []) + (["dtheta"] if theta is not None else []) \
+        + (["dh0"] if states else []) + (["dg"] if g is not None else [])
     errors = {"o": rel_err(o, ref_o)}
     if states:
         errors["ht"] = rel_err(ht, ref_ht)

@@ -5,6 +5,7 @@ kernels under the interpreter (sequences <= 64 tokens there); without it, the Py
 Two tests that need long sequences or many steps drop the variable for their duration (they test
 the model's recurrent form and the training loop, not the kernels).
 """
+import copy
 import json
 import math
 
@@ -442,3 +443,57 @@ def test_hf_wrappers(tmp_path):
     torch.testing.assert_close(loaded.model.layers[1].token_mixer.slopes, decay_slopes(loaded.model.config, 1))
     with pytest.raises(ValueError, match="num_heads"):
         tnl.hf.TNLHFConfig(num_heads=3)
+
+
+# ---- output_norm="head": the fused epilogue ----------------------------------------------------
+
+def test_fused_epilogue_matches_the_pytorch_path():
+    """output_norm="head": norm and gate inside the kernel give the loss and gradients of the PyTorch
+    epilogue (fp32 under the interpreter), for every gate activation."""
+    for act in ("identity", "silu"):
+        model = make_model(output_norm="head", gate_act=act).train()
+        mixer = model.layers[0].token_mixer
+        assert mixer.fused.variant == lightgen.Variant.parse(
+            f"decay=constant,causal,lrpe=d,phi=silu,dk=32,dv=32,scale=1,norm=srms,eps=1e-06,gate={act}")
+        unfused = copy.deepcopy(model)
+        for block in unfused.layers:
+            block.token_mixer.use_fused = False
+        ids = torch.randint(0, 256, (2, 41), generator=torch.Generator().manual_seed(5))
+        losses = [m.loss(ids[:, :-1], ids[:, 1:]) for m in (model, unfused)]
+        for loss in losses:
+            loss.backward()
+        assert abs(losses[0].item() - losses[1].item()) < 1e-5 * losses[1].item()
+        other = dict(unfused.named_parameters())
+        for name, p in model.named_parameters():
+            assert rel_err(p.grad, other[name].grad) < 1e-5, name
+
+
+def test_head_norm_is_per_head_and_row_norm_is_not():
+    """The two output norms differ (per head vs the whole row) unless there is one head."""
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        row, head = (make_model(output_norm=norm)(ids) for norm in ("row", "head"))
+        assert rel_err(head, row) > 1e-3
+        one = [make_model(output_norm=norm, num_heads=1)(ids) for norm in ("row", "head")]
+    assert rel_err(one[1], one[0]) < 1e-5
+
+
+def test_cache_and_sequence_parallel_paths_keep_the_epilogue_in_pytorch():
+    """Prefill and decode (states), and the sequence-parallel hook (which adds a state contribution to o
+    after the kernel, so the norm must come later), run the plain attention and the epilogue in PyTorch,
+    with the fused path's result."""
+    model = make_model(output_norm="head", lrpe_layers=[0, 1])
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        fused = model(ids)
+        assert rel_err(recurrent_logits(model, ids, prompt_len=20, chunk=8), fused) < 2e-5
+        seen = []
+
+        def hook(attn, q, k, v, slopes=None, theta=None):
+            seen.append(attn.variant)
+            return attn(q, k, v, slopes=slopes, theta=theta)
+
+        for block in model.layers:
+            block.token_mixer.sequence_parallel = hook
+        assert rel_err(model(ids), fused) < 2e-5
+    assert len(seen) == 2 and not any(v.epilogue for v in seen)

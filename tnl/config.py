@@ -16,6 +16,7 @@ from pathlib import Path
 HEAD_DIMS = (16, 32, 64, 128, 256)
 SLOPE_SCHEDULES = ("released", "paper")
 GATE_ACTS = ("identity", "sigmoid", "silu")
+OUTPUT_NORMS = ("row", "head")
 
 PRESETS = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=2, glu_dim=128),
@@ -39,6 +40,10 @@ class TNLConfig:
     slope_schedule: str = "released"
     # activation of the output gate u; the released code multiplies by u = x Wu as is
     gate_act: str = "identity"
+    # the token mixer's output SRMSNorm: over the whole hidden row ("row", the released code; under tensor
+    # parallelism the rank's heads) in PyTorch, or over each head's row ("head"), which the lightgen kernel
+    # applies together with the gate in its output stage (the fused epilogue: no extra passes)
+    output_norm: str = "row"
     scale_embedding: bool = True  # multiply token embeddings by sqrt(hidden_size)
     tie_word_embeddings: bool = False
     norm_eps: float = 1e-6
@@ -62,6 +67,8 @@ class TNLConfig:
             raise ValueError(f"lrpe_layers={self.lrpe_layers!r}: expected a list of layer indices in 0..{self.num_layers - 1}")
         if self.slope_schedule not in SLOPE_SCHEDULES:
             raise ValueError(f"slope_schedule={self.slope_schedule!r}: expected one of {', '.join(SLOPE_SCHEDULES)}")
+        if self.output_norm not in OUTPUT_NORMS:
+            raise ValueError(f"output_norm={self.output_norm!r}: expected one of {', '.join(OUTPUT_NORMS)}")
         if self.gate_act not in GATE_ACTS:
             raise ValueError(f"gate_act={self.gate_act!r}: expected one of {', '.join(GATE_ACTS)}")
         for name in ("scale_embedding", "tie_word_embeddings"):

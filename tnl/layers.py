@@ -60,7 +60,10 @@ class GLA(nn.Module):
     One fused projection gives q, k, v, u. silu on q, k and LRPE-d run inside the lightgen kernel,
     so raw projections go in. The output gate is u itself by default (gate_act="identity"): the
     released TransNormerLLM code computes `output = u * output` with no activation on u.
-    The output SRMSNorm runs over the whole hidden row (all heads), as in the released code.
+    The output SRMSNorm runs over the whole hidden row (all heads), as in the released code, or with
+    output_norm="head" over each head's row: then norm and gate run inside the kernel (`fused`, the
+    fused epilogue) when training without sequence parallelism; use_fused=False (and the cache paths,
+    and sequence parallelism, see forward) apply the same math in PyTorch.
     """
 
     # hook for tnl.distributed.sequence_parallel: attention over a sequence split across ranks,
@@ -83,6 +86,10 @@ class GLA(nn.Module):
         d = self.head_dim
         self.attn = lightgen.compile(
             f"decay=constant,causal,lrpe={'d' if self.uses_lrpe else 'none'},phi=silu,dk={d},dv={d},scale=1")
+        self.fused = None  # the attention with norm and gate in its output stage (output_norm="head")
+        if config.output_norm == "head":
+            self.fused = lightgen.compile(f"{self.attn.variant},norm=srms,eps={config.norm_eps!r},gate={self.gate_act}")
+        self.use_fused = self.fused is not None
 
     def _apply(self, fn, *args, **kwargs):
         # .half() / .to(bfloat16) would round the decay rates (0.4% in bf16): keep them fp32
@@ -106,11 +113,24 @@ class GLA(nn.Module):
             theta = theta.to_local()
         return theta
 
+    def _epilogue(self, o, u):
+        """SRMSNorm(o) * act(u) in PyTorch; o, u [B, N, heads, d]."""
+        if self.fused is not None:  # output_norm="head": the fused variant's epilogue, the same math
+            return lightgen.reference.epilogue(self.fused.variant, o.float(), u)
+        # -1, not hidden: under tensor parallelism this rank holds hidden / tp columns (its heads)
+        b, n = o.shape[:2]
+        return self.norm(o.reshape(b, n, -1)) * _GATES[self.gate_act](u.reshape(b, n, -1))
+
     def forward(self, x, cache=None):
         """x [B, N, hidden]. With a cache (generation), carry this layer's state across calls."""
         b, n, _ = x.shape
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
-        q, k, v = (t.reshape(b, n, self.heads, self.head_dim) for t in (q, k, v))
+        q, k, v, u = (t.reshape(b, n, self.heads, self.head_dim) for t in (q, k, v, u))
+        # Sequence parallelism adds the earlier ranks' state contribution to o after the kernel; the norm
+        # is not linear, so it must come after that sum: that path keeps the epilogue in PyTorch.
+        if cache is None and self.use_fused and self.sequence_parallel is None:
+            o = self.fused(q, k, v, slopes=self.slopes.float(), theta=self._local_theta(), u=u)
+            return self.out_proj(o.reshape(b, n, -1))
         if cache is None:
             o = self._attend(q, k, v)
         elif n == 1:
@@ -122,9 +142,8 @@ class GLA(nn.Module):
         else:
             o, cache.states[self.layer] = chunk_with_state(
                 self._attend, q, k, v, cache.states[self.layer], cache.position)
-        # -1, not hidden: under tensor parallelism this rank holds hidden / tp columns (its heads)
-        o = self.norm(o.reshape(b, n, -1)) * _GATES[self.gate_act](u)
-        return self.out_proj(o.to(u.dtype))
+        o = self._epilogue(o, u)
+        return self.out_proj(o.reshape(b, n, -1).to(u.dtype))
 
 
 class SGLU(nn.Module):
