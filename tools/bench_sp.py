@@ -14,7 +14,6 @@ it is the same in both. bf16 autocast on a GPU (--dtype), fp32 on the CPU.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from contextlib import contextmanager
@@ -22,8 +21,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from lightgen.configs import DTYPE_NAMES
-from tnl import PRESETS, TNLConfig, TNLForCausalLM
+from tnl import TNLConfig, TNLForCausalLM
 from tnl.distributed import enable_sequence_parallel, split_sequence
 from tnl.distributed.sequence_parallel import METHODS
 from tnl.train_dist import SAFE_ENVIRONMENT
@@ -33,20 +31,10 @@ PLAIN = "plain"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="bench_sp", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="385m", choices=sorted(PRESETS), help="tnl size preset")
-    p.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary (256 bytes)")
-    p.add_argument("--contexts", default="8192,32768", help="context lengths")
-    p.add_argument("--tokens-per-batch", type=int, default=32768, help="batch = this / context")
+    p = measure.parser("bench_sp", __doc__.splitlines()[0], contexts="8192,32768", tokens_per_batch=32768)
     p.add_argument("--methods", default=",".join(METHODS), help=f"SP methods to run: {', '.join(METHODS)}")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per path")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per path before timing")
-    p.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES, help="autocast dtype on a GPU (the CPU runs fp32)")
     p.add_argument("--tolerance", type=float, default=1e-2,
                    help="largest relative difference of loss and gradients called agreement")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.contexts = measure.parse_ints(args.contexts, "--contexts")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]

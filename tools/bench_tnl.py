@@ -22,7 +22,6 @@ still run. A table goes to stdout, everything to --json.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from contextlib import nullcontext
 
@@ -30,8 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightgen.configs import DTYPE_NAMES
-from tnl import PRESETS, TNLConfig, TNLForCausalLM, generation
+from tnl import TNLConfig, TNLForCausalLM, generation
 from tools import measure
 from tools.llama_baseline import LlamaConfig, LlamaForCausalLM
 
@@ -39,21 +37,11 @@ MODELS = ("tnl", "llama")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="bench_tnl", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="385m", choices=sorted(PRESETS), help="tnl size preset")
-    p.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary (256 bytes)")
-    p.add_argument("--contexts", default="2048,8192,32768,65536", help="training context lengths")
-    p.add_argument("--tokens-per-batch", type=int, default=65536, help="batch = this / context")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps per row")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps (or decoded tokens) before timing")
-    p.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES, help="autocast dtype on a GPU (the CPU runs fp32)")
+    p = measure.parser("bench_tnl", __doc__.splitlines()[0], contexts="2048,8192,32768,65536", tokens_per_batch=65536)
     p.add_argument("--models", default="tnl,llama", help="which to train: tnl, llama or both")
     p.add_argument("--checkpoint", action="store_true", help="activation checkpointing per block (both models)")
     p.add_argument("--gen-contexts", default="1024,65536", help="prompt lengths for decoding ('' skips it)")
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens decoded (and timed) per prompt")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.contexts = measure.parse_ints(args.contexts, "--contexts", allow_empty=True)
     args.gen_contexts = measure.parse_ints(args.gen_contexts, "--gen-contexts", allow_empty=True)

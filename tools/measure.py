@@ -7,6 +7,7 @@ as such and the others still run.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 import lightgen
-from lightgen.configs import torch_dtype
+from lightgen.configs import DTYPE_NAMES, torch_dtype
 
 
 def parse_ints(text: str, option: str, allow_empty: bool = False) -> list[int]:
@@ -163,3 +164,21 @@ def main(tool: str, parse_args, run, report, argv=None) -> dict:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         print(f"results: {args.json}")
     return result
+
+
+def parser(tool: str, description: str, contexts: str, tokens_per_batch: int) -> argparse.ArgumentParser:
+    """The options every tnl benchmark takes; each tool adds its own."""
+    from tnl import PRESETS
+
+    p = argparse.ArgumentParser(prog=tool, description=description)
+    p.add_argument("--config", default="385m", choices=sorted(PRESETS), help="tnl size preset")
+    p.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary (256 bytes)")
+    p.add_argument("--contexts", default=contexts, help="training context lengths")
+    p.add_argument("--tokens-per-batch", type=int, default=tokens_per_batch, help="batch = this / context")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row (and path)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (or decoded tokens) before timing")
+    p.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES, help="autocast dtype on a GPU (the CPU runs fp32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+    return p
