@@ -37,17 +37,8 @@ def parse_args(argv=None):
                    help="largest relative difference of loss and gradients called agreement")
     args = p.parse_args(argv)
     args.contexts = measure.parse_ints(args.contexts, "--contexts")
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown or not args.methods:
-        raise ValueError(f"--methods={','.join(args.methods)!r}: expected one or more of {', '.join(METHODS)}")
-    for name in ("tokens_per_batch", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive int")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup={args.warmup}: expected an int >= 0")
-    if args.vocab_size is not None and args.vocab_size < 1:
-        raise ValueError(f"--vocab-size={args.vocab_size}: expected a positive int")
+    args.methods = measure.names_list(args.methods, "methods", METHODS)
+    measure.check_common(args)
     if not args.tolerance > 0:
         raise ValueError(f"--tolerance={args.tolerance}: expected > 0")
     for context in args.contexts:

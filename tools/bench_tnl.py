@@ -45,17 +45,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.contexts = measure.parse_ints(args.contexts, "--contexts", allow_empty=True)
     args.gen_contexts = measure.parse_ints(args.gen_contexts, "--gen-contexts", allow_empty=True)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(args.models) - set(MODELS))
-    if unknown or not args.models:
-        raise ValueError(f"--models={','.join(args.models)!r}: expected one or more of {', '.join(MODELS)}")
-    for name in ("tokens_per_batch", "steps", "gen_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive int")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup={args.warmup}: expected an int >= 0")
-    if args.vocab_size is not None and args.vocab_size < 1:
-        raise ValueError(f"--vocab-size={args.vocab_size}: expected a positive int")
+    args.models = measure.names_list(args.models, "models", MODELS)
+    measure.check_common(args, positive=("tokens_per_batch", "steps", "gen_tokens"))
     for context in args.contexts:
         if args.tokens_per_batch % context:
             raise ValueError(f"--contexts: {context} does not divide --tokens-per-batch={args.tokens_per_batch} "

@@ -182,3 +182,22 @@ def parser(tool: str, description: str, contexts: str, tokens_per_batch: int) ->
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     return p
+
+
+def names_list(text: str, option: str, known) -> list[str]:
+    """A comma-separated option of names, each one of `known`."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names or set(names) - set(known):
+        raise ValueError(f"--{option}={','.join(names)!r}: expected one or more of {', '.join(known)}")
+    return names
+
+
+def check_common(args, positive=("tokens_per_batch", "steps")) -> None:
+    """The shared options' ranges (see parser)."""
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive int")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup={args.warmup}: expected an int >= 0")
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ValueError(f"--vocab-size={args.vocab_size}: expected a positive int")
