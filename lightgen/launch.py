@@ -97,9 +97,9 @@ def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> 
     if device.type == "cuda":
         times = {}
         for path, kernels in BACKWARDS.items():
-            entries = [configs.lookup_entry(*_lookup_args(variant, k, dtype, device), n) for k in kernels]
-            if all(e is not None and problem(e["params"], variant) is None for e in entries):
-                times[path] = sum(e["ms"] for e in entries)
+            entries = {k: configs.lookup_entry(*_lookup_args(variant, k, dtype, device), n) for k in kernels}
+            if all(e is not None and problem(e["params"], variant, k) is None for k, e in entries.items()):
+                times[path] = sum(e["ms"] for e in entries.values())
         if len(times) == len(BACKWARDS):
             return min(times, key=times.get)
     tile = heuristic(variant, "bwd_dkv", interpreted=device.type != "cuda")["BV"]
