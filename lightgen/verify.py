@@ -69,7 +69,8 @@ def random_gate_input(variant, b, n, h, dtype, device, seed=0):
 
 def random_log_decays(b, n, h, generator, fast=False, dims=None) -> torch.Tensor:
     """g [B, N, H] < 0 (dims: [B, N, H, dims], decay=vector's): around the constant-decay tests' rates
-    (-tnl_slopes per head), each token's (and dim's) rate scaled by e^N(0,1), so the decay is data-dependent and spans the range of the constant tests.
+    (-tnl_slopes per head), each token's (and dim's) rate scaled by e^N(0,1), so the decay is
+    data-dependent and spans the range of the constant tests.
     fast=True: rates near 1 instead, and 3% of the tokens forget almost everything (g down to -30).
     (Fast decays make the LRPE angle gradient a difference of nearly equal sums, whatever the decay
     type: the default keeps random variants within the tolerances.)"""
