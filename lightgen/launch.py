@@ -90,6 +90,12 @@ def backward(path: str):
 BACKWARDS = {"fused": ("bwd_dkv",), "split": ("bwd_dk", "bwd_dv")}
 
 
+def kernels(variant) -> tuple:
+    """The launch-tuned kernels of the variant's module: decay=vector has no bwd_dkv (its backward is split)."""
+    every = ("fwd", "bwd_dq", *(k for path in BACKWARDS.values() for k in path))
+    return tuple(k for k in every if not (variant.decay == "vector" and k in BACKWARDS["fused"]))
+
+
 def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> str:
     """"fused" or "split" ("split" always under decay=vector): forced by `backward(...)`, else the faster by tuned times when every
     kernel of both paths has a tuned entry, else the heuristic (fused while one dv tile covers dv)."""

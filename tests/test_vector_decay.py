@@ -113,3 +113,16 @@ def test_errors_and_what_is_not_there_yet():
         assert launch.backward_path(attn.variant, torch.float16, 4096, torch.device(DEVICE)) == "split"
     assert "def bwd_dkv" not in attn.source() and "def step" not in attn.source()
     attn(q, k, v, g=g.half())  # any float dtype
+
+
+def test_tuner_case_has_the_split_kernels_and_dg_parts():
+    """The tuner captures the four kernels the module has (no bwd_dkv), with g [B, N, H, dk] as an input
+    and the dq kernel's part of dL/dG among its outputs."""
+    from lightgen import tune
+
+    case = tune._Case("decay=vector,causal,dk=16,dv=16", "fp32", 40, 2, 2, torch.device(DEVICE))
+    assert sorted(case.launches) == sorted(launch.kernels(case.attn.variant)) == ["bwd_dk", "bwd_dq", "bwd_dv", "fwd"]
+    default = launch.heuristic(case.attn.variant, "bwd_dq", interpreted=DEVICE == "cpu")
+    kernel = case.kernel("bwd_dq", default)
+    assert sorted(tuple(t.shape) for t in kernel.outputs) == [(2, 40, 2, 16)] * 2  # dG part, dq
+    assert kernel.error(default) == 0
