@@ -51,9 +51,9 @@ def random_inputs(variant, b, n, h, dtype, device, seed=0):
     do = torch.randn(b, n, h, variant.dv, generator=gen)
     slopes = torch.tensor(tnl_slopes(h)) if variant.decay == "constant" else None
     theta = torch.rand(h, variant.dk, generator=gen) * 0.5 if variant.lrpe == "d" else None
-    g = None
-    if variant.learned_decay:  # vector: one per key dim too
-        g = random_log_decays(b, n, h, gen, dims=variant.dk if variant.decay == "vector" else None)
+    g = random_log_decays(b, n, h, gen) if variant.decay == "scalar" else None
+    if variant.decay == "vector":  # one per key dim too
+        g = random_log_decays(b, n, h, gen, dims=variant.dk)
     cast = lambda t: t.to(device, dtype)  # noqa: E731
     place = lambda t: None if t is None else t.to(device)  # noqa: E731
     return cast(q), cast(k), cast(v), cast(do), place(slopes), place(theta), place(g)
