@@ -38,6 +38,8 @@ def heuristic(variant, kernel: str, interpreted: bool) -> dict:
     # Triton 3.6 on H100 miscompiles some chunk-64 kernels whose output tile is narrower than 64
     # (wrong results or illegal accesses, e.g. C=64, BV=32, 4 warps): narrow tiles get 32-token chunks.
     chunk = 64 if min(bk, bv) >= 64 else 32
+    if variant.decay == "vector":  # its intra-chunk products are [C, C, F] elementwise, not dots: keep C small
+        chunk = 16
     return {"C": chunk, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 2}
 
 
@@ -88,9 +90,17 @@ def backward(path: str):
 BACKWARDS = {"fused": ("bwd_dkv",), "split": ("bwd_dk", "bwd_dv")}
 
 
+def kernels(variant) -> tuple:
+    """The launch-tuned kernels of the variant's module: decay=vector has no bwd_dkv (its backward is split)."""
+    every = ("fwd", "bwd_dq", *(k for path in BACKWARDS.values() for k in path))
+    return tuple(k for k in every if not (variant.decay == "vector" and k in BACKWARDS["fused"]))
+
+
 def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> str:
-    """"fused" or "split": forced by `backward(...)`, else the faster by tuned times when every
+    """"fused" or "split" ("split" always under decay=vector): forced by `backward(...)`, else the faster by tuned times when every
     kernel of both paths has a tuned entry, else the heuristic (fused while one dv tile covers dv)."""
+    if variant.decay == "vector":
+        return "split"  # its only path: bwd_dkv's dual product has no per-feature weight (not rendered)
     forced = _forced["backward"]
     if forced is not None:
         return forced
@@ -194,7 +204,7 @@ def segments(variant, shape, dtype, device) -> int:
     pieces of a larger batch gives P times the programs (ops.LinearAttention._split). Its first
     pass doubles the work, so it pays only while at most half the SMs would have a program
     (measured on H100: splitting 128 programs of an 8K sequence in two made the forward 4x slower)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or variant.decay == "vector":  # vector: no splitting yet (ops._split)
         return 1
     b, n, h, _ = shape
     programs = b * h * (variant.dv // params(variant, "fwd", dtype, n, device)["BV"])

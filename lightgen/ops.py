@@ -46,6 +46,9 @@ class LinearAttention:
       g [B, N, H]     decay=scalar only, required: lambda_t = exp(g[b, t, h]), the log decay per token and
                       head (Mamba2 / simple GLA); any float dtype, used in fp32; learnable (gets dg).
                       Any real g works; g <= 0 keeps the states bounded
+      g [B, N, H, dk] decay=vector only, required: the same per key dim (GLA), S_t = diag(exp(g_t)) S_{t-1}
+                      + f(k_t)^T v_t; under LRPE dim i decays state rows i and dk + i. Learnable (gets dg).
+                      Not yet: packed sequences (cu_seqlens), the decode step (step)
       theta  [H, dk]  lrpe=d only, required; learnable (the backward returns its gradient)
       u [B, N, H, dv] gated variants only (gate=act), required, v's dtype: the output is
                       SRMSNorm(o) * act(u) (norm=srms; else o * act(u)); learnable (gets du)
@@ -79,6 +82,9 @@ class LinearAttention:
         u = _check_gate_input(variant, u, v, "B, N, H")
         batch, heads = q.shape[0], q.shape[2]
         if cu_seqlens is not None:
+            if variant.decay == "vector":
+                raise NotImplementedError("cu_seqlens: decay=vector does not take packed sequences yet; "
+                                          "call it once per sequence")
             batch = _check_cu_seqlens(cu_seqlens, q)  # states are per sequence
         log2_decay, theta = self._decay_and_theta(slopes, g, theta, q.shape[:3], "B, N, H", q.device)
         if (initial_state is not None or output_final_state) and not variant.causal:
@@ -110,6 +116,9 @@ class LinearAttention:
         are not checked, they stay on the device). Inference only: no gradients.
         """
         variant = self.variant
+        if variant.decay == "vector":
+            raise NotImplementedError("step: decay=vector has no decode step yet; run the sequence through "
+                                      "attn(..., initial_state=S, output_final_state=True) instead")
         if not variant.causal:
             raise ValueError(f"step: {variant.canonical()} is non-causal; the recurrent step exists for causal "
                              f"variants only")
@@ -142,7 +151,8 @@ class LinearAttention:
 
     def _decay_and_theta(self, slopes, g, theta, shape, layout, device):
         """Checked kernel inputs: log2 of the decay rates, [H] (decay=constant) or per token `shape`
-        (decay=scalar: [B, N, H], a step's [B, H]), None without decay; theta [H, dk] fp32."""
+        (decay=scalar: [B, N, H], a step's [B, H]; decay=vector: [B, N, H, dk]), None without decay;
+        theta [H, dk] fp32."""
         variant = self.variant
         heads = shape[-1]
         log2_decay = None
@@ -158,15 +168,20 @@ class LinearAttention:
             log2_decay = (slopes.to(torch.float32) * (-1.0 / _LN2)).contiguous()
         elif slopes is not None:
             raise ValueError(f"slopes: variant has decay={variant.decay}, which takes no slopes"
-                             + (" (it takes g, a log decay per token and head)" if variant.decay == "scalar" else ""))
-        if variant.decay == "scalar":
+                             + (" (it takes g, a log decay per token)" if variant.learned_decay else ""))
+        if variant.learned_decay:
+            if variant.decay == "vector":
+                shape, layout, what = (*shape, variant.dk), layout + ", dk", "per token, head and key dim"
+            else:
+                what = "per token and head"
             if g is None:
-                raise ValueError(f"g: variant has decay=scalar, which needs g of shape [{layout}] = {list(shape)}, "
-                                 f"the log decay per token and head")
+                raise ValueError(f"g: variant has decay={variant.decay}, which needs g of shape [{layout}] = "
+                                 f"{list(shape)}, the log decay {what}")
             _check_param("g", g, shape, device)
             log2_decay = (g.to(torch.float32) * (1.0 / _LN2)).contiguous()  # differentiable: dg flows back
         elif g is not None:
-            raise ValueError(f"g: variant has decay={variant.decay}, which takes no g (per-token decays are decay=scalar)")
+            raise ValueError(f"g: variant has decay={variant.decay}, which takes no g (per-token decays are "
+                             f"decay=scalar or vector)")
         if variant.lrpe == "d":
             if theta is None:
                 raise ValueError(f"theta: variant has lrpe=d, which needs theta of shape [H, dk] = [{heads}, {variant.dk}]")
@@ -402,10 +417,12 @@ def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offs
     dth_q = torch.empty(sequences * h, variant.dk, device=q.device, dtype=torch.float32) if lrpe else None
     dth_k = torch.empty_like(dth_q) if lrpe else None
     dh0 = _state_like(variant, q, cu_seqlens) if h0 is not None else None
-    # decay=scalar: the dq and dk kernels each write their part of dL/dG [B, N, H] (G the cumulative log decay)
-    scalar = variant.decay == "scalar"
-    dG_q, dG_k = (torch.empty(b, n, h, device=q.device, dtype=torch.float32) for _ in range(2)) if scalar else (None, None)
-    gate_q, gate_k = ((TileShares(dG_q),), (TileShares(dG_k),)) if scalar else ((), ())
+    # decay=scalar / vector: the dq and dk kernels each write their part of dL/dG [B, N, H] / [B, N, H, dk]
+    # (G the cumulative log decay); under vector each dk tile writes its own columns, nothing to sum
+    learned, vector = variant.learned_decay, variant.decay == "vector"
+    dG_q, dG_k = (torch.empty(b, n, h, *((variant.dk,) if vector else ()), device=q.device, dtype=torch.float32)
+                  for _ in range(2)) if learned else (None, None)
+    gate_q, gate_k = ((dG_q,), (dG_k,)) if vector else ((TileShares(dG_q),), (TileShares(dG_k),)) if learned else ((), ())
     states = dict(HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
     _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, *gate_q, h0, log2_decay, theta), offset,
             segments, cu_seqlens, HAS_INIT=h0 is not None)
@@ -420,7 +437,7 @@ def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offs
         _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log2_decay, theta), offset,
                 segments, cu_seqlens, **states)
     dtheta = (dth_q + dth_k).view(sequences, h, variant.dk).sum(0) if lrpe else None
-    dlog2_decay = _log2_decay_grad(dG_q + dG_k, dht, ht, cu_seqlens) if scalar else None
+    dlog2_decay = _log2_decay_grad(variant, dG_q + dG_k, dht, ht, cu_seqlens) if learned else None
     return dq, dk, dv, dlog2_decay, dtheta, dh0, du
 
 
@@ -433,17 +450,27 @@ def _epilogue_backward(module, variant, o, u, dy):
     return do, du
 
 
-def _log2_decay_grad(dG, dht, ht, cu_seqlens=None):
+def _log2_decay_grad(variant, dG, dht, ht, cu_seqlens=None):
     """decay=scalar: the gradient of the log2 decays [B, N, H] from dL/dG, G_t = g_0 + ... + g_t.
     g_t moves every G_u with u >= t, so dg_t = sum over u >= t of dL/dG_u. The kernels' dL/dG (f(q).df(q)
     - f(k).df(k) per token) misses one term: the final state S_{N-1} carries exp(G_{N-1}) as a whole,
     which adds <dS_{N-1}, S_{N-1}> to dL/dG_{N-1}. Times ln 2, since g = ln 2 * log2 decay.
+    decay=vector: the same per key dim [B, N, H, dk] (S_{N-1}'s row i carries exp(G_{N-1,i})).
     Packed sequences (cu_seqlens): the same within each sequence."""
     if cu_seqlens is not None:
         return _packed_log2_decay_grad(dG, dht, ht, cu_seqlens)
     if dht is not None:
-        dG[:, -1] += (dht * ht).sum((-2, -1))
+        dG[:, -1] += _final_state_term(variant, dht, ht)
     return dG.flip(1).cumsum(1).flip(1) * _LN2
+
+
+def _final_state_term(variant, dht, ht):
+    """<dS, S> over what one decay scales: the whole state [B, H] (scalar), or per key dim [B, H, dk]
+    (vector: rows i and, under LRPE, dk + i)."""
+    if variant.decay != "vector":
+        return (dht * ht).sum((-2, -1))
+    rows = (dht * ht).sum(-1)  # [B, H, F]
+    return rows.view(*rows.shape[:2], -1, variant.dk).sum(2)
 
 
 def _packed_log2_decay_grad(dG, dht, ht, cu_seqlens):
@@ -483,11 +510,11 @@ def _step_reference(variant, q, k, v, state, log2_decay, theta, positions, offse
 
 
 def _natural_decay(variant, log2_decay) -> dict:
-    """The reference's decay argument from the kernels' log2 decays: slopes [H], or g (decay=scalar)."""
+    """The reference's decay argument from the kernels' log2 decays: slopes [H], or g (decay=scalar, vector)."""
     if log2_decay is None:
         return {}
     natural = log2_decay * _LN2
-    return {"g": natural} if variant.decay == "scalar" else {"slopes": -natural}
+    return {"g": natural} if variant.learned_decay else {"slopes": -natural}
 
 
 def _reference(variant, q, k, v, log2_decay, theta, h0, offset, final, segments=1, cu_seqlens=None, u=None):
@@ -507,11 +534,11 @@ def _reference(variant, q, k, v, log2_decay, theta, h0, offset, final, segments=
 def _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, offset, segments=1, cu_seqlens=None,
                         u=None):
     """Gradients of the reference by autograd (runs at the autograd level, not inside the op)."""
-    scalar = variant.decay == "scalar"
-    inputs = [q, k, v, log2_decay if scalar else None, theta, h0, u]
+    learned = variant.learned_decay
+    inputs = [q, k, v, log2_decay if learned else None, theta, h0, u]
     leaves = [None if t is None else t.detach().to(torch.float32).requires_grad_() for t in inputs]
     with torch.enable_grad():
-        o, ht, _ = _reference(variant, *leaves[:3], leaves[3] if scalar else log2_decay, leaves[4], leaves[5], offset,
+        o, ht, _ = _reference(variant, *leaves[:3], leaves[3] if learned else log2_decay, leaves[4], leaves[5], offset,
                               dht is not None, cu_seqlens=cu_seqlens, u=leaves[6])
         outputs, grads_out = [o], [do.to(o.dtype)]
         if dht is not None:
@@ -555,7 +582,7 @@ def _custom_ops(variant: Variant):
 
     fwd_op = torch.library.custom_op(name, forward, mutates_args=())
     bwd_op = torch.library.custom_op(name + "_backward", backward, mutates_args=())
-    scalar = variant.decay == "scalar"  # the one decay with a gradient (log2_decay is g / ln 2)
+    learned = variant.learned_decay  # the decays with a gradient (log2_decay is g / ln 2)
 
     @fwd_op.register_fake
     def _(q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens=None, u=None):
@@ -564,13 +591,13 @@ def _custom_ops(variant: Variant):
 
     @bwd_op.register_fake
     def _(q, k, v, do, log2_decay, theta, initial_state, dht, final_state, offset, segments, cu_seqlens, o, u):
-        like = (q, k, v, log2_decay if scalar else None, theta, initial_state, u)
+        like = (q, k, v, log2_decay if learned else None, theta, initial_state, u)
         return tuple(q.new_empty(0) if t is None else torch.empty_like(t) for t in like)
 
     def setup_context(ctx, inputs, output):
         q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens, u = inputs
-        # decay=scalar: the final state itself enters dg (see _log2_decay_grad)
-        final_state = output[1] if scalar and output_final_state else None
+        # decay=scalar / vector: the final state itself enters dg (see _log2_decay_grad)
+        final_state = output[1] if learned and output_final_state else None
         o = output[2] if variant.epilogue else None  # the attention's own output, for the epilogue's backward
         ctx.save_for_backward(q, k, v, log2_decay, theta, initial_state, final_state, cu_seqlens, o, u)
         ctx.offset, ctx.final, ctx.segments = offset, output_final_state, segments
@@ -582,7 +609,7 @@ def _custom_ops(variant: Variant):
         dht = dht.to(torch.float32).contiguous() if (ctx.final and dht is not None) else None
         if q.shape[1] == 0:
             grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
-                     torch.zeros_like(log2_decay) if scalar else None,
+                     torch.zeros_like(log2_decay) if learned else None,
                      None if theta is None else torch.zeros_like(theta), None if h0 is None else dht,
                      None if u is None else torch.zeros_like(u))
         elif _use_kernels(q):
@@ -592,7 +619,7 @@ def _custom_ops(variant: Variant):
             grads = _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, ctx.offset, ctx.segments,
                                         cu_seqlens, u=u)
         dq, dk, dv, dlog2_decay, dtheta, dh0, du = grads
-        return (dq, dk, dv, dlog2_decay if scalar else None, dtheta if theta is not None else None,
+        return (dq, dk, dv, dlog2_decay if learned else None, dtheta if theta is not None else None,
                 dh0 if h0 is not None else None, None, None, None, None, du if u is not None else None)
 
     fwd_op.register_autograd(autograd_backward, setup_context=setup_context)

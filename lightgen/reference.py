@@ -10,6 +10,9 @@ All functions take the public layout q, k [B, N, H, dk], v [B, N, H, dv] and ret
     step       one token of `recurrent` per sequence (the decode step): q, k [B, H, dk], v [B, H, dv]
 decay=scalar (causal): lambda_t = exp(g_t) per token and head, g [B, N, H] (g [B, H] for step), so
 W[t, s] = exp(G_t - G_s) with G_t = g_0 + ... + g_t; its gradient comes from autograd like the others'.
+decay=vector (causal, GLA): the same per key dim, g [B, N, H, dk]: S_t = diag(exp(g_t)) S_{t-1} + f(k_t)^T v_t,
+so the weight sits inside the dot, sum_i f(q_t)_i exp(G_t,i - G_s,i) f(k_s)_i; under LRPE (F = 2 dk) dim i
+decays both feature i (cos half) and dk + i (sin half). No decode step (step) for it yet.
 Causal forms take an initial state S_{-1} and return the final state S_{N-1} on request; `offset` is
 the LRPE position of the first token.
 """
@@ -136,6 +139,26 @@ def _log_decays(variant, slopes, g, shape, dtype, device):
     return torch.zeros(shape[-1], dtype=dtype, device=device)
 
 
+def _feature_log_decays(variant, slopes, g, shape, dtype, device):
+    """log lambda [B, N, H, 1] per token and head, or [B, N, H, F] per feature (decay=vector: g's dim i
+    for feature i and, under LRPE, for feature dk + i too); `shape` = [B, N, H]."""
+    if variant.decay == "vector":
+        g = g.to(device=device, dtype=dtype)
+        return torch.cat([g, g], -1) if variant.lrpe == "d" else g
+    return _log_decays(variant, slopes, g, shape, dtype, device).expand(shape)[..., None]
+
+
+def _vector_decayed_scores(variant, fq, fk, g):
+    """decay=vector: scores[b, h, t, s] = sum_i fq[t, i] exp(G_t,i - G_s,i) fk[s, i] for s <= t, else 0."""
+    n = fq.shape[1]
+    big = _feature_log_decays(variant, None, g, fq.shape[:3], torch.float64, fq.device).cumsum(1)  # G [B, N, H, F]
+    i = torch.arange(n, device=fq.device)
+    causal = (i[:, None] >= i[None, :])[None, :, :, None, None]
+    # masked before exp: above the diagonal G_t - G_s may be large and positive
+    w = torch.where(causal, big[:, :, None] - big[:, None], -torch.inf).exp().to(fq.dtype)  # [B, t, s, H, F]
+    return torch.einsum("bthf,bshf,btshf->bhts", fq, fk, w)
+
+
 def quadratic(variant, q, k, v, slopes=None, theta=None, initial_state=None, offset=0, output_final_state=False,
               g=None, cu_seqlens=None, u=None):
     """o (and the final state [B, H, F, dv] if asked), F = dk, or 2 dk under LRPE.
@@ -164,24 +187,28 @@ def quadratic(variant, q, k, v, slopes=None, theta=None, initial_state=None, off
         return (o, torch.cat(finals)) if output_final_state else o
     fq = features(variant, q, theta, offset) * variant.scale
     fk = features(variant, k, theta, offset)
-    scores = torch.einsum("bthd,bshd->bhts", fq, fk)
-    w = decay_weights(variant, q.shape[1], slopes, scores.dtype, q.device, g)
-    o = torch.einsum("bhts,bshd->bthd", scores * w, v.to(scores.dtype))
+    if variant.decay == "vector":
+        scores = _vector_decayed_scores(variant, fq, fk, g)
+    else:
+        scores = torch.einsum("bthd,bshd->bhts", fq, fk)
+        scores = scores * decay_weights(variant, q.shape[1], slopes, scores.dtype, q.device, g)
+    o = torch.einsum("bhts,bshd->bthd", scores, v.to(scores.dtype))
     if initial_state is None and not output_final_state:
         return o
     # log decays (summed in float64: no cancellation) from the state before token 0 to token t, from
     # token s to the last token, and over the whole sequence
-    log_lam = _log_decays(variant, slopes, g, q.shape[:3], torch.float64, q.device).expand(q.shape[:3])
-    into, total = log_lam.cumsum(1), log_lam.sum(1)  # [B, N, H], [B, H]
+    # (per feature: the last dim is 1, or F under decay=vector)
+    log_lam = _feature_log_decays(variant, slopes, g, q.shape[:3], torch.float64, q.device)
+    into, total = log_lam.cumsum(1), log_lam.sum(1)  # [B, N, H, 1 or F], [B, H, 1 or F]
     to_end = total[:, None] - into
     if initial_state is not None:
         s0 = initial_state.to(fq.dtype)
-        o = o + torch.einsum("bthf,bhfv->bthv", fq * into.exp().to(fq.dtype)[..., None], s0)
+        o = o + torch.einsum("bthf,bhfv->bthv", fq * into.exp().to(fq.dtype), s0)
     if not output_final_state:
         return o
-    final = torch.einsum("bshf,bshv->bhfv", fk * to_end.exp().to(fq.dtype)[..., None], v.to(fq.dtype))
+    final = torch.einsum("bshf,bshv->bhfv", fk * to_end.exp().to(fq.dtype), v.to(fq.dtype))
     if initial_state is not None:
-        final = final + total.exp().to(fq.dtype)[..., None, None] * initial_state.to(fq.dtype)
+        final = final + total.exp().to(fq.dtype)[..., None] * initial_state.to(fq.dtype)
     return o, final
 
 
@@ -193,12 +220,12 @@ def recurrent(variant, q, k, v, slopes=None, theta=None, initial_state=None, off
     fk = features(variant, k, theta, offset)
     v = v.to(fq.dtype)
     b, n, h, _ = fq.shape
-    lams = _log_decays(variant, slopes, g, fq.shape[:3], fq.dtype, q.device).expand(fq.shape[:3]).exp()
+    lams = _feature_log_decays(variant, slopes, g, fq.shape[:3], fq.dtype, q.device).exp()  # [B, N, H, 1 or F]
 
     def scan(order, inclusive, state):
         out = []
         for t in order:
-            lam = lams[:, t, :, None, None]
+            lam = lams[:, t, :, :, None]
             update = torch.einsum("bhk,bhv->bhkv", fk[:, t], v[:, t])
             if inclusive:
                 state = lam * state + update
@@ -224,6 +251,8 @@ def step(variant, q, k, v, state, slopes=None, theta=None, positions=0, g=None):
     is left as it was. q, k [B, H, dk], v [B, H, dv], state [B, H, F, dv]; positions: the LRPE
     position, an int for every row or a tensor [B] (one per row); g [B, H]: the token's log decay (decay=scalar)."""
     variant = as_variant(variant)
+    if variant.decay == "vector":
+        raise NotImplementedError("step: decay=vector has no decode step yet")
     fq, fk = phi(variant, q) * variant.scale, phi(variant, k)
     if variant.lrpe == "d":
         t = torch.as_tensor(positions, device=q.device).to(theta.dtype).reshape(-1, 1, 1)  # [B or 1, 1, 1]

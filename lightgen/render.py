@@ -76,9 +76,15 @@ def render(variant: Variant, templates: Path | None = None, varlen: bool = False
 
     def decay_grad(x, source, factor):
         """decay=scalar: this kernel's part of dL/dG_t per row, G_t the cumulative log decay:
-        +-f(x).df(x), df(x) = the gradient of the features as they enter the products (factor * out)."""
-        dots = " + ".join(f"tl.sum({p} * out_{s}, axis=1)" for p, s in zip(parts(x), parts(source)))
+        +-f(x).df(x), df(x) = the gradient of the features as they enter the products (factor * out).
+        decay=vector: the same per key dim, +-f(x) * df(x), on the kernel's dk tile."""
         sign = "minus " if factor.startswith("-") else ""
+        if variant.decay == "vector":  # per key dim: the products, not their sums (LRPE: both halves of dim i)
+            prods = " + ".join(f"{p} * out_{s}" for p, s in zip(parts(x), parts(source)))
+            return [f"# this kernel's part of dL/dG (G the cumulative log decay per dim): {sign}f({x}) * df({x})",
+                    f"dG = {factor}({prods})",
+                    "tl.store(dg_ptr + rows[:, None] * H * DK + tile[None, :], dG, mask=mask[:, None])"]
+        dots = " + ".join(f"tl.sum({p} * out_{s}, axis=1)" for p, s in zip(parts(x), parts(source)))
         return [f"# this kernel's part of dL/dG (G the cumulative log decay): {sign}f({x}) . df({x}) per row",
                 f"dG = {factor}({dots})", "tl.store(dg_ptr + rows * H, dG, mask=mask)"]
 
@@ -114,6 +120,7 @@ def render(variant: Variant, templates: Path | None = None, varlen: bool = False
     return env.get_template(MAIN_TEMPLATE).render(
         variant=variant, version=__version__, feats=feats, varlen=varlen,
         decay=variant.decay != "none", constant=variant.decay == "constant", scalar=variant.decay == "scalar",
+        vector=variant.decay == "vector",
         lrpe=lrpe, decay_grad=decay_grad,
         epilogue=variant.epilogue, gate=gate_code(variant) if variant.gate != "none" else None,
         output_epilogue=output_epilogue,

@@ -8,7 +8,8 @@ construction, has a canonical text form usable on the command line, e.g.
 and a stable hash of that canonical form (the generated kernels are cached by it).
 
 Grammar of the text form (comma-separated, order free, whitespace ignored):
-    decay=none|constant|scalar default none (scalar: a log decay per token and head, causal only)
+    decay=none|constant|scalar|vector   default none (scalar: a log decay per token and head; vector: per
+                               token, head and key dim, GLA style; both causal only)
     causal | noncausal         default causal (also causal=true|false)
     lrpe=none|d                default none
     phi=NAME|EXPR              a known name (identity, silu, elu+1, relu) or a sympy
@@ -29,7 +30,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
-DECAYS = ("none", "constant", "scalar")
+DECAYS = ("none", "constant", "scalar", "vector")
 LRPES = ("none", "d")
 NORMS = ("none", "srms")
 DEFAULT_EPS = 1e-6  # TransNormerLLM's SRMSNorm eps
@@ -62,10 +63,10 @@ class Variant:
                 raise ValueError(f"{name}={value!r}: expected a power of two in 16..256 ({', '.join(map(str, HEAD_DIMS))})")
         if self.decay not in DECAYS:
             raise ValueError(f"decay={self.decay!r}: expected one of {', '.join(DECAYS)}")
-        if self.decay == "scalar" and self.causal is False:
+        if self.learned_decay and self.causal is False:
             # o_t = sum over s <= t of exp(G_t - G_s) ...: a data-dependent decay runs forward in time, and
             # its two-sided form (and that form's gradient) is not the same definition everywhere
-            raise ValueError("decay=scalar: causal only (the per-token decay of Mamba2 / simple GLA is "
+            raise ValueError(f"decay={self.decay}: causal only (the per-token decay of Mamba2 / GLA is "
                              "defined for s <= t); use decay=constant for non-causal attention")
         if self.lrpe not in LRPES:
             raise ValueError(f"lrpe={self.lrpe!r}: expected one of {', '.join(LRPES)}")
@@ -152,6 +153,11 @@ class Variant:
         from .symbolic import KNOWN_GATES
 
         return self.gate if self.gate in KNOWN_GATES or self.gate == "none" else self.gate_expr
+
+    @property
+    def learned_decay(self) -> bool:
+        """Whether the decay is an input per token, g, with a gradient (decay=scalar or vector)."""
+        return self.decay in ("scalar", "vector")
 
     @property
     def epilogue(self) -> bool:

@@ -120,6 +120,7 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
                heads=max(1, hidden // max(variant.dk, variant.dv)), tokens=tokens, trials=trials, seed=seed,
                interpreted=device.type != "cuda", directory=directory, deadline=time.monotonic() + time_budget_s)
     path = Path(storage) if storage else Path(out_dir) / "studies.journal" if out_dir else default_storage()
+    kernels = [k for k in kernels if k in launch.kernels(variant)]  # decay=vector: no bwd_dkv
     studies = [(d, n, k) for d in dtypes for n in seqlens for k in kernels]  # inputs are shared per (d, n)
 
     from tqdm.auto import tqdm
@@ -396,8 +397,9 @@ class _Case:
         self.v, self.do = randn(variant.dv), randn(variant.dv)
         self.slopes = torch.tensor(tnl_slopes(h), device=device) if variant.decay == "constant" else None
         self.theta = torch.rand(h, variant.dk, device=device, generator=g) * 0.5 if variant.lrpe == "d" else None
-        self.g = random_log_decays(b, n, h, torch.Generator().manual_seed(0)).to(device) \
-            if variant.decay == "scalar" else None
+        self.g = random_log_decays(b, n, h, torch.Generator().manual_seed(0),
+                                   dims=variant.dk if variant.decay == "vector" else None).to(device) \
+            if variant.learned_decay else None
         self.u = randn(variant.dv) if variant.gate != "none" else None  # the fused epilogue's gate input
         self.launches = self._capture()
         self.kernels: dict = {}
@@ -419,7 +421,7 @@ class _Case:
                     self.attn(*leaves, theta=self.theta, **extra).backward(self.do)
         finally:
             ops._launch = real
-        missing = [k for k in KERNELS if k not in calls]
+        missing = [k for k in launch.kernels(self.attn.variant) if k not in calls]
         if missing:
             raise RuntimeError(f"no launch of {', '.join(missing)} seen in a forward + backward "
                                f"(is LIGHTGEN_CPU_REFERENCE set?)")

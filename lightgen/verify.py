@@ -31,16 +31,19 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor, scale=0.0) -> float:
     return ((actual.double() - expected).norm() / (expected.norm() + scale).clamp_min(1e-30)).item()
 
 
-def _dg_scale(q, k, dq, dk) -> float:
-    """1e-3 of the size of the sums dg is the difference of (|q||dq| + |k||dk| per token, summed from t
-    on): where they cancel (dg is 0 at N = 1 exactly), rounding is measured against them, not against 0."""
-    terms = (q.double() * dq.double()).abs().sum(-1) + (k.double() * dk.double()).abs().sum(-1)
+def _dg_scale(q, k, dq, dk, per_dim=False) -> float:
+    """1e-3 of the size of the sums dg is the difference of (|q||dq| + |k||dk| per token, or per token and
+    dim under decay=vector, summed from t on): where they cancel (dg is 0 at N = 1 exactly), rounding is
+    measured against them, not against 0."""
+    terms = (q.double() * dq.double()).abs() + (k.double() * dk.double()).abs()
+    terms = terms if per_dim else terms.sum(-1)
     return 1e-3 * terms.flip(1).cumsum(1).flip(1).norm()
 
 
 def random_inputs(variant, b, n, h, dtype, device, seed=0):
     """q, k, v, dO, slopes, theta, g: normal inputs scaled so phi(q).phi(k) sums stay O(1); slopes
-    (decay=constant) and theta (lrpe=d) fp32, else None; g (decay=scalar) fp32 [B, N, H], else None."""
+    (decay=constant) and theta (lrpe=d) fp32, else None; g fp32 [B, N, H] (decay=scalar), [B, N, H, dk]
+    (decay=vector), else None."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, n, h, variant.dk, generator=gen) * variant.dk ** -0.25
     k = torch.randn(b, n, h, variant.dk, generator=gen) * variant.dk ** -0.25
@@ -49,6 +52,8 @@ def random_inputs(variant, b, n, h, dtype, device, seed=0):
     slopes = torch.tensor(tnl_slopes(h)) if variant.decay == "constant" else None
     theta = torch.rand(h, variant.dk, generator=gen) * 0.5 if variant.lrpe == "d" else None
     g = random_log_decays(b, n, h, gen) if variant.decay == "scalar" else None
+    if variant.decay == "vector":  # one per key dim too
+        g = random_log_decays(b, n, h, gen, dims=variant.dk)
     cast = lambda t: t.to(device, dtype)  # noqa: E731
     place = lambda t: None if t is None else t.to(device)  # noqa: E731
     return cast(q), cast(k), cast(v), cast(do), place(slopes), place(theta), place(g)
@@ -62,17 +67,21 @@ def random_gate_input(variant, b, n, h, dtype, device, seed=0):
     return torch.randn(b, n, h, variant.dv, generator=gen).to(device, dtype)
 
 
-def random_log_decays(b, n, h, generator, fast=False) -> torch.Tensor:
-    """g [B, N, H] < 0: around the constant-decay tests' rates (-tnl_slopes per head), each token's
-    rate scaled by e^N(0,1), so the decay is data-dependent and spans the range of the constant tests.
+def random_log_decays(b, n, h, generator, fast=False, dims=None) -> torch.Tensor:
+    """g [B, N, H] < 0 (dims: [B, N, H, dims], decay=vector's): around the constant-decay tests' rates
+    (-tnl_slopes per head), each token's (and dim's) rate scaled by e^N(0,1), so the decay is
+    data-dependent and spans the range of the constant tests.
     fast=True: rates near 1 instead, and 3% of the tokens forget almost everything (g down to -30).
     (Fast decays make the LRPE angle gradient a difference of nearly equal sums, whatever the decay
     type: the default keeps random variants within the tolerances.)"""
+    shape = (b, n, h) if dims is None else (b, n, h, dims)
     rates = torch.tensor(tnl_slopes(h)) if not fast else torch.ones(h)
-    g = -rates * torch.randn(b, n, h, generator=generator).exp()
+    if dims is not None:
+        rates = rates[:, None]  # the head's rate for each of its dims
+    g = -rates * torch.randn(shape, generator=generator).exp()
     if fast:
-        forget = torch.rand(b, n, h, generator=generator) < 0.03
-        g = torch.where(forget, -30 * torch.rand(b, n, h, generator=generator), g)
+        forget = torch.rand(shape, generator=generator) < 0.03
+        g = torch.where(forget, -30 * torch.rand(shape, generator=generator), g)
     return g
 
 
@@ -126,6 +135,6 @@ def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, 
     errors = {"o": rel_err(o, ref_o)}
     if states:
         errors["ht"] = rel_err(ht, ref_ht)
-    scales = {"dg": _dg_scale(q, k, *ref_grads[:2])} if g is not None else {}
+    scales = {"dg": _dg_scale(q, k, *ref_grads[:2], per_dim=g.dim() == 4)} if g is not None else {}
     errors.update({name: rel_err(a, e, scales.get(name, 0.0)) for name, a, e in zip(names, grads, ref_grads)})
     return errors
