@@ -46,21 +46,25 @@ def _time(fn, grad_of=None, do=None):
 
 
 def _decays(variant, slopes, g):
-    """(lightgen's, fla's) decay keyword arguments: slopes / g_gamma, or g [B, N, H] for decay=scalar."""
-    if variant.decay == "scalar":
+    """(lightgen's, fla's) decay keyword arguments: slopes / g_gamma, or g ([B, N, H] for decay=scalar,
+    [B, N, H, dk] for decay=vector)."""
+    if variant.decay in ("scalar", "vector"):
         return {"g": g}, {"g": g}
     return ({"slopes": slopes} if variant.decay == "constant" else {}), ({} if slopes is None else {"g_gamma": -slopes})
 
 
 def contenders(attn, slopes, theta, g=None):
     """name -> (function of [B,N,H,D] q, k, v returning o, whether it wants [B,H,N,D]). g: the log
-    decays [B, N, H] of decay=scalar."""
+    decays of decay=scalar / vector."""
     ours, theirs = _decays(attn.variant, slopes, g)
     out = {"lightgen": (lambda q, k, v: attn(q, k, v, theta=theta, **ours), False)}
-    try:
-        from fla.ops.simple_gla import chunk_simple_gla
+    try:  # fla's kernel for the same math: chunk_gla for per-dim decays, else chunk_simple_gla
+        if attn.variant.decay == "vector":
+            from fla.ops.gla import chunk_gla as fla_chunk
+        else:
+            from fla.ops.simple_gla import chunk_simple_gla as fla_chunk
         scale = attn.variant.scale
-        out["fla"] = (lambda q, k, v: chunk_simple_gla(q, k, v, scale=scale, **theirs)[0], False)
+        out["fla"] = (lambda q, k, v: fla_chunk(q, k, v, scale=scale, **theirs)[0], False)
     except Exception as err:  # noqa: BLE001 - report any import failure as a skip
         print(f"note: fla-core not available ({type(err).__name__}: {err}); skipped")
     try:
@@ -109,8 +113,9 @@ def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384,
         base = [torch.randn(b, n, heads, d, device="cuda", dtype=dtype, generator=g) * d ** -0.25 for _ in range(3)]
         do = torch.randn(b, n, heads, d, device="cuda", dtype=dtype, generator=g)
         # decay=scalar: g gets a gradient in every contender that takes it
-        log_decays = random_log_decays(b, n, heads, torch.Generator().manual_seed(0)).cuda().requires_grad_() \
-            if variant.decay == "scalar" else None
+        dims = d if variant.decay == "vector" else None
+        log_decays = random_log_decays(b, n, heads, torch.Generator().manual_seed(0), dims=dims).cuda() \
+            .requires_grad_() if variant.decay in ("scalar", "vector") else None
         for name, (fn, head_first) in contenders(attn, slopes, theta, log_decays).items():
             if only and name not in only:
                 continue
