@@ -458,7 +458,7 @@ def _log2_decay_grad(variant, dG, dht, ht, cu_seqlens=None):
     decay=vector: the same per key dim [B, N, H, dk] (S_{N-1}'s row i carries exp(G_{N-1,i})).
     Packed sequences (cu_seqlens): the same within each sequence."""
     if cu_seqlens is not None:
-        return _packed_log2_decay_grad(dG, dht, ht, cu_seqlens)
+        return _packed_log2_decay_grad(variant, dG, dht, ht, cu_seqlens)
     if dht is not None:
         dG[:, -1] += _final_state_term(variant, dht, ht)
     return dG.flip(1).cumsum(1).flip(1) * _LN2
@@ -473,13 +473,13 @@ def _final_state_term(variant, dht, ht):
     return rows.view(*rows.shape[:2], -1, variant.dk).sum(2)
 
 
-def _packed_log2_decay_grad(dG, dht, ht, cu_seqlens):
+def _packed_log2_decay_grad(variant, dG, dht, ht, cu_seqlens):
     """_log2_decay_grad of packed sequences, without a host sync: the sums run over all T rows and
     restart at each sequence's end by subtracting the sum from that end on (in float64, so that the
     difference keeps its digits)."""
     starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
     if dht is not None:  # each sequence's last row; an empty sequence has none (its term: 0)
-        last = (dht * ht).sum((-2, -1)) * (ends > starts)[:, None]  # [S, H]
+        last = _final_state_term(variant, dht, ht) * (ends > starts)[:, None]  # [S, H]
         dG[0].index_add_(0, (ends - 1).clamp_min(0), last)
     suffix = dG[0].double().flip(0).cumsum(0).flip(0)
     suffix = torch.cat([suffix, suffix.new_zeros(1, suffix.shape[1])])  # [T + 1, H]: nothing after row T - 1

@@ -28,7 +28,8 @@ def source_key(variant: Variant, templates: Path | None = None, varlen: bool = F
     so a template edit that leaves a variant's kernels as they were keeps their tuned entries."""
     templates = templates or template_dir()
     # on every kernel call: stat the templates (cheap), re-read and hash them only when they changed
-    stamps = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(templates.glob("*.j2")))
+    stats = [(p.name, p.stat()) for p in sorted(templates.glob("*.j2"))]
+    stamps = tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats)
     return _rendered_key(variant, str(templates), _templates_digest(str(templates), stamps), varlen)
 
 

@@ -71,9 +71,8 @@ def _journal(optuna, path: Path):
 def space(optuna, variant, kernel: str, default: dict) -> dict:
     """Categorical distributions of the tunable params (the default's values always included)."""
     dim = variant.dk if TILE[kernel] == "BK" else variant.dv
-    tiles = [t for t in (*TILES, dim) if t <= dim and dim % t == 0]
-    if kernel == "fwd" and variant.norm != "none":
-        tiles = [dim]  # the fused norm needs the whole row (launch.problem)
+    # the tiles launch.problem accepts: dividing the head dim (and, for a fused norm, the whole row)
+    tiles = [t for t in (*TILES, dim) if launch.problem({**default, TILE[kernel]: t}, variant, kernel) is None]
     choices = {"C": CHUNKS, TILE[kernel]: tiles, "num_warps": WARPS, "num_stages": STAGES}
     cat = optuna.distributions.CategoricalDistribution
     return {name: cat(sorted(set(values) | {default[name]})) for name, values in choices.items()}
