@@ -86,10 +86,12 @@ def test_torch_compile_fullgraph_and_opcheck():
     torch.library.opcheck(op, (q, k, v, log2_decay, None, h0, 0, True, 1))
 
 
-def _chunked_recurrence(variant, q, k, v, slopes, g, piece=4096):
-    """The float64 recurrence (S_t = lambda_t S_{t-1} + f(k_t)^T v_t), `piece` tokens at a time through
-    lightgen.reference.quadratic with states: o [B, N, H, dv] and the final state, on q's device."""
+def _chunked_recurrence(variant, q, k, v, slopes, g):
+    """The float64 recurrence (S_t = lambda_t S_{t-1} + f(k_t)^T v_t), a piece at a time through
+    lightgen.reference.quadratic with states: o [B, N, H, dv] and the final state, on q's device.
+    (decay=vector's reference weights are [piece, piece, H, dk]: shorter pieces.)"""
     b, n, h, _ = q.shape
+    piece = 256 if variant.decay == "vector" else 4096
     state = torch.zeros(b, h, variant.dk, variant.dv, dtype=torch.float64, device=q.device)
     out = []
     for start in range(0, n, piece):
@@ -103,7 +105,7 @@ def _chunked_recurrence(variant, q, k, v, slopes, g, piece=4096):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="a million tokens need a GPU")
-@pytest.mark.parametrize("decay", ["none", "constant", "scalar"])
+@pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
 def test_a_million_tokens_in_bf16(decay):
     """One sequence of 2^20 tokens (few heads: the sequence is also split into pieces): o, the final state
     and every gradient stay finite, and o on sampled positions and the final state match a float64
@@ -114,8 +116,9 @@ def test_a_million_tokens_in_bf16(decay):
     q, k = (torch.randn(1, n, h, 64, device=DEVICE, generator=gen).mul(64 ** -0.25).bfloat16() for _ in range(2))
     v, do = (torch.randn(1, n, h, 64, device=DEVICE, generator=gen).bfloat16() for _ in range(2))
     slopes = torch.tensor(lightgen.tnl_slopes(h), device=DEVICE) if decay == "constant" else None
-    g = verify.random_log_decays(1, n, h, torch.Generator().manual_seed(0)).to(DEVICE) \
-        if decay == "scalar" else None  # G_N is about -5e4
+    dims = {"scalar": None, "vector": 64}.get(decay, False)  # g per token and head (and key dim)
+    g = verify.random_log_decays(1, n, h, torch.Generator().manual_seed(0), dims=dims).to(DEVICE) \
+        if dims is not False else None  # G_N is about -5e4
     leaves = [t.requires_grad_() for t in (q, k, v, *([g] if g is not None else []))]
     o, final = attn(q, k, v, slopes=slopes, g=g, output_final_state=True)
     grads = torch.autograd.grad((o, final), leaves, (do, torch.ones_like(final)))
