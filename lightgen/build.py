@@ -22,7 +22,7 @@ from types import ModuleType
 from .render import render, source_key
 from .spec import Variant
 
-_loaded: dict[tuple, ModuleType] = {}  # (variant, varlen, interpreted) -> module
+_loaded: dict[tuple, ModuleType] = {}  # (variant, module, interpreted) -> module
 _lock = threading.Lock()
 
 
@@ -33,8 +33,10 @@ def cache_dir() -> Path:
     return Path(base) / "lightgen" / "kernels"
 
 
-def kernel_path(variant: Variant, varlen: bool = False) -> Path:
-    return cache_dir() / f"{variant.slug}{'_varlen' if varlen else ''}_{source_key(variant, varlen=varlen)}.py"
+def kernel_path(variant: Variant, module: str = "main") -> Path:
+    """<slug>[_<module>]_<key>.py (render.MODULES: the main module has no suffix)."""
+    suffix = "" if module == "main" else f"_{module}"
+    return cache_dir() / f"{variant.slug}{suffix}_{source_key(variant, module=module)}.py"
 
 
 def _checksum(body: str) -> str:
@@ -58,34 +60,34 @@ def _write(path: Path, body: str) -> None:
     os.replace(tmp, path)
 
 
-def ensure_source(variant: Variant, varlen: bool = False) -> Path:
-    """The generated file for this variant (varlen: its packed-sequence kernels), rendered only if
-    missing or damaged."""
-    path = kernel_path(variant, varlen)
+def ensure_source(variant: Variant, module: str = "main") -> Path:
+    """The generated file of one of the variant's modules (render.MODULES), rendered only if missing
+    or damaged."""
+    path = kernel_path(variant, module)
     if not _is_intact(path):
         if path.exists():
             warnings.warn(f"lightgen: generated file {path} is damaged (checksum mismatch); regenerating", stacklevel=3)
-        _write(path, render(variant, varlen=varlen))
+        _write(path, render(variant, module=module))
     return path
 
 
-def load(variant: Variant, varlen: bool = False) -> ModuleType:
+def load(variant: Variant, module: str = "main") -> ModuleType:
     """Import the variant's kernel module, once per process: this runs on every kernel call, so it
     is one dict lookup (hashing the rendered source, as the file name needs, costs ~0.3 ms). The
     templates are read when a variant is first loaded; a template edit takes effect in a new process."""
     # @triton.jit decides at import whether a function is compiled or interpreted: one module per mode
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    loaded = _loaded.get((variant, varlen, interpreted))
+    loaded = _loaded.get((variant, module, interpreted))
     if loaded is not None:
         return loaded
     with _lock:
-        key = source_key(variant, varlen=varlen) + ("_interpreted" if interpreted else "")
-        if (variant, varlen, interpreted) not in _loaded:
-            path = ensure_source(variant, varlen)
+        key = source_key(variant, module=module) + ("_interpreted" if interpreted else "")
+        if (variant, module, interpreted) not in _loaded:
+            path = ensure_source(variant, module)
             name = f"lightgen_kernels_{key}"
             spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # Triton reads the source of jitted functions via their module
-            spec.loader.exec_module(module)
-            _loaded[(variant, varlen, interpreted)] = module
-        return _loaded[(variant, varlen, interpreted)]
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[name] = loaded  # Triton reads the source of jitted functions via their module
+            spec.loader.exec_module(loaded)
+            _loaded[(variant, module, interpreted)] = loaded
+        return _loaded[(variant, module, interpreted)]

@@ -56,10 +56,11 @@ def cmd_build(args) -> int:
 
 
 def cmd_show(args) -> int:
+    from . import build
     from .ops import compile as compile_variant
 
     attn = compile_variant(args.spec)
-    sys.stdout.write(attn.source() if not args.path else f"{attn.source_path}\n")
+    sys.stdout.write(attn.source(args.module) if not args.path else f"{build.ensure_source(attn.variant, args.module)}\n")
     return 0
 
 
@@ -199,6 +200,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print the generated kernel source", description="Print the generated source.")
     s.add_argument("spec", help=SPEC_HELP)
     s.add_argument("--path", action="store_true", help="print only the file's path")
+    s.add_argument("--module", choices=("main", "varlen", "pieces"), default="main",
+                   help="main: forward, backward and decode step (default); varlen: the same for packed "
+                        "sequences; pieces: sequence splitting's state passes")
     s.set_defaults(fn=cmd_show)
 
     t = sub.add_parser("tune", help="search launch configs on the GPU (Optuna) and record the fastest",

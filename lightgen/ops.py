@@ -12,13 +12,14 @@ state updated in place); inference only, so a plain function rather than a custo
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple, Optional
 
 import torch
 
-from . import build, launch, reference
+from . import build, launch, reference, split
 from .spec import Variant, as_variant, tnl_slopes
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -72,8 +73,9 @@ class LinearAttention:
         """The generated kernel file (rendered now if it is not in the cache)."""
         return build.ensure_source(self.variant)
 
-    def source(self) -> str:
-        return self.source_path.read_text()
+    def source(self, module: str = "main") -> str:
+        """The generated source of one of the variant's kernel modules (lightgen.render.MODULES)."""
+        return build.ensure_source(self.variant, module).read_text()
 
     def __call__(self, q, k, v, slopes=None, theta=None, initial_state=None, output_final_state=False, offset=0,
                  g=None, cu_seqlens=None, u=None):
@@ -97,11 +99,8 @@ class LinearAttention:
         # packed sequences are never split: they are the short-sequence case
         split = variant.causal and cu_seqlens is None
         segments = launch.segments(variant, q.shape, q.dtype, q.device) if split else 1
-        if segments > 1:
-            o, final_state = self._split(q, k, v, log2_decay, theta, initial_state, offset, segments, u)
-        else:
-            o, final_state, _ = self._forward(q, k, v, log2_decay, theta, initial_state, offset,
-                                              bool(output_final_state), 1, cu_seqlens, u)
+        o, final_state, _, _ = self._forward(q, k, v, log2_decay, theta, initial_state, offset,
+                                             bool(output_final_state), segments, cu_seqlens, u)
         return (o, final_state) if output_final_state else o
 
     def step(self, q, k, v, state, slopes=None, theta=None, position=0, g=None, u=None):
@@ -190,40 +189,6 @@ class LinearAttention:
         elif theta is not None:
             raise ValueError("theta: variant has lrpe=none, which takes no theta")
         return log2_decay, theta
-
-    def _split(self, q, k, v, log2_decay, theta, initial_state, offset, segments, u):
-        """Sequence splitting for long N and few heads: the sequence becomes `segments` pieces of a
-        larger batch, so that more programs run. Pass 1 gets each piece's own final state, a tiny
-        decayed prefix sum over pieces gives each piece its incoming state, pass 2 computes the
-        outputs from it. Autograd carries the backward through both passes (also split), and under
-        decay=scalar through the pieces' decays to g."""
-        b, n, h, _ = q.shape
-        piece = n // segments
-        as_pieces = [t.view(b * segments, piece, h, t.shape[-1]) for t in (q, k, v)]
-        scalar = self.variant.decay == "scalar"
-        kernel_decay = log2_decay.view(b * segments, piece, h) if scalar else log2_decay
-        pieces_u = None if u is None else u.view(b * segments, piece, h, u.shape[-1])
-        _, own, _ = self._forward(*as_pieces, kernel_decay, theta, None, offset, True, segments, None, pieces_u)
-        own = own.view(b, segments, *own.shape[1:])  # [B, P, H, F, dv]
-        # log2 decay over each piece [B, P, H], then (in float64: no cancellation) from the sequence's
-        # start to each piece's start and end
-        if scalar:
-            per_piece = log2_decay.view(b, segments, piece, h).double().sum(2)
-        else:
-            ld = log2_decay if log2_decay is not None else torch.zeros(h, device=q.device)
-            per_piece = (ld.double() * piece).expand(b, segments, h)
-        ends = per_piece.cumsum(1)
-        starts = ends - per_piece
-        # incoming[p] = sum over j < p of 2^(starts[p] - ends[j]) own[j]  (+ 2^starts[p] initial)
-        p = torch.arange(segments, device=q.device)
-        earlier = (p[:, None] > p[None, :])[None, :, :, None]  # masked before exp2: the rest could overflow
-        weights = torch.where(earlier, starts[:, :, None] - ends[:, None], -torch.inf).exp2().float()  # [B, P, P, H]
-        incoming = torch.einsum("bpjh,bjhfv->bphfv", weights, own)
-        if initial_state is not None:
-            incoming = incoming + starts.exp2().float()[..., None, None] * initial_state[:, None]
-        o, last, _ = self._forward(*as_pieces, kernel_decay, theta, incoming.reshape(b * segments, *own.shape[2:]),
-                                   offset, True, segments, None, pieces_u)
-        return o.view(b, n, h, v.shape[-1]), last.view(b, segments, *last.shape[1:])[:, -1]
 
 
 _COMPILED: dict[str, LinearAttention] = {}
@@ -395,9 +360,41 @@ def _state_like(variant, q, cu_seqlens=None):
 
 
 def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final, segments, cu_seqlens=None, u=None):
-    """(output, final state or None, o for the epilogue's backward or None). With an epilogue the
-    kernel writes the attention's o (all the backward needs: rstd comes back from it) and y."""
-    module = build.load(variant, varlen=cu_seqlens is not None)
+    """(output, final state or None, o for the epilogue's backward or None, the states the pieces
+    started from or None). segments > 1: the sequence runs as that many pieces (lightgen.split)."""
+    if segments == 1:
+        return (*_forward_pass(variant, q, k, v, log2_decay, theta, h0, offset, final, 1, cu_seqlens, u), None)
+    b, n, h, _ = q.shape
+    pieces = functools.partial(split.as_pieces, segments=segments)
+    piece_decay = pieces(log2_decay) if variant.decay == "scalar" else log2_decay
+    own = _state_pass(variant, "fwd_state", pieces(k), (pieces(k), pieces(v)), piece_decay, theta, offset, segments)
+    decays = split.piece_log2_decays(variant, log2_decay, q.shape, segments, q.device)
+    received = split.received(own.view(b, segments, *own.shape[1:]), decays, h0).flatten(0, 1)
+    y, ht, o = _forward_pass(variant, pieces(q), pieces(k), pieces(v), piece_decay, theta, received, offset, final,
+                             segments, None, pieces(u))
+    whole = functools.partial(_whole, b=b, n=n)
+    ht = None if ht is None else ht.view(b, segments, *ht.shape[1:])[:, -1].clone()  # its own storage, as promised
+    return whole(y), ht, whole(o), received
+
+
+def _whole(t, b, n):
+    """The inverse of split.as_pieces: [B * P, N / P, ...] -> [B, N, ...]."""
+    return None if t is None else t.view(b, n, *t.shape[2:])
+
+
+def _state_pass(variant, kernel, like, operands, log2_decay, theta, offset, segments):
+    """One state per piece and head ([B * P, H, F, dv] fp32) from a state pass of the pieces module
+    (fwd_state, bwd_state); `like` has the pieces' q shape."""
+    states = _state_like(variant, like)
+    _launch(build.load(variant, "pieces"), variant, kernel, like, "BV", (*operands, states, log2_decay, theta), offset,
+            segments, HAS_FINAL=True)
+    return states
+
+
+def _forward_pass(variant, q, k, v, log2_decay, theta, h0, offset, final, segments, cu_seqlens=None, u=None):
+    """The forward kernel: (output, final state or None, o or None). With an epilogue the kernel writes
+    the attention's o (all the backward needs: rstd comes back from it) and y."""
+    module = build.load(variant, "varlen" if cu_seqlens is not None else "main")
     o = torch.empty_like(v)
     ht = _state_like(variant, q, cu_seqlens) if final else None
     y = torch.empty_like(v) if variant.epilogue else None
@@ -407,10 +404,37 @@ def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final, seg
 
 
 def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offset, segments, cu_seqlens=None,
-                      o=None, u=None):
-    module = build.load(variant, varlen=cu_seqlens is not None)
-    b, n, h, _ = q.shape
+                      o=None, u=None, received=None):
+    """(dq, dk, dv, d log2_decay, dtheta, dh0, du), None where there is none. segments > 1: the pieces of
+    the forward (received: the states they started from), see lightgen.split."""
+    module = build.load(variant, "varlen" if cu_seqlens is not None else "main")
     do, du = _epilogue_backward(module, variant, o, u, do) if variant.epilogue else (do, None)
+    if segments == 1:
+        return (*_attention_backward(module, variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offset, 1,
+                                     cu_seqlens), du)
+    b, n, h, _ = q.shape
+    pieces = functools.partial(split.as_pieces, segments=segments)
+    by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
+    piece_decay = pieces(log2_decay) if variant.decay == "scalar" else log2_decay
+    own = _state_pass(variant, "bwd_state", pieces(q), (pieces(q), pieces(do)), piece_decay, theta, offset, segments)
+    decays = split.piece_log2_decays(variant, log2_decay, q.shape, segments, q.device)
+    sent = split.sent_back(by_piece(own), decays, dht).flatten(0, 1)
+    after = None
+    if variant.learned_decay:  # the state after each piece, for dg (the sequence's last: ht, needed only with dht)
+        last = ht[:, None] if dht is not None else torch.zeros_like(by_piece(received)[:, :1])
+        after = torch.cat([by_piece(received)[:, 1:], last], 1).flatten(0, 1)
+    dq, dk, dv, dlog2_decay, dtheta, dh0 = _attention_backward(
+        module, variant, pieces(q), pieces(k), pieces(v), pieces(do), piece_decay, theta, received, sent, after, offset,
+        segments)
+    whole = functools.partial(_whole, b=b, n=n)
+    dh0 = by_piece(dh0)[:, 0].clone() if h0 is not None else None  # the first piece received h0
+    return whole(dq), whole(dk), whole(dv), whole(dlog2_decay), dtheta, dh0, du
+
+
+def _attention_backward(module, variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offset, segments,
+                        cu_seqlens=None):
+    """The backward kernels (after the epilogue's): dq, dk, dv, d log2_decay, dtheta, dh0."""
+    b, n, h, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lrpe = variant.lrpe == "d"
     sequences = b if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -438,7 +462,7 @@ def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offs
                 segments, cu_seqlens, **states)
     dtheta = (dth_q + dth_k).view(sequences, h, variant.dk).sum(0) if lrpe else None
     dlog2_decay = _log2_decay_grad(variant, dG_q + dG_k, dht, ht, cu_seqlens) if learned else None
-    return dq, dk, dv, dlog2_decay, dtheta, dh0, du
+    return dq, dk, dv, dlog2_decay, dtheta, dh0
 
 
 def _epilogue_backward(module, variant, o, u, dy):
@@ -558,25 +582,32 @@ def _custom_ops(variant: Variant):
 
     def forward(q: Tensor, k: Tensor, v: Tensor, log2_decay: MaybeTensor, theta: MaybeTensor,
                 initial_state: MaybeTensor, offset: int, output_final_state: bool, segments: int,
-                cu_seqlens: MaybeTensor = None, u: MaybeTensor = None) -> tuple[Tensor, Tensor, Tensor]:
+                cu_seqlens: MaybeTensor = None, u: MaybeTensor = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        received = None
         if q.shape[1] == 0:
             y = torch.zeros_like(v)
             ht = _state_like(variant, q, cu_seqlens).zero_() if initial_state is None else initial_state.clone()
             o = torch.zeros_like(v) if variant.epilogue else None
+        elif _use_kernels(q):
+            y, ht, o, received = _forward_kernels(variant, q, k, v, log2_decay, theta, initial_state, offset,
+                                                  output_final_state, segments, cu_seqlens, u=u)
         else:
-            impl = _forward_kernels if _use_kernels(q) else _reference
-            y, ht, o = impl(variant, q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments,
-                            cu_seqlens, u=u)
+            y, ht, o = _reference(variant, q, k, v, log2_decay, theta, initial_state, offset, output_final_state,
+                                  segments, cu_seqlens, u=u)
         # custom ops return tensors: an empty one stands for "no final state asked for" (and, without an
-        # epilogue, for the attention's own o, which the epilogue's backward takes)
-        return y, (ht if output_final_state else q.new_empty(0)), (q.new_empty(0) if o is None else o)
+        # epilogue, for the attention's own o, which the epilogue's backward takes; unsplit, for the
+        # states the pieces started from)
+        def given(t):  # outputs may not alias each other: a fresh empty tensor for each absent one
+            return q.new_empty(0) if t is None else t
+
+        return y, given(ht if output_final_state else None), given(o), given(received)
 
     def backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, log2_decay: MaybeTensor, theta: MaybeTensor,
                  initial_state: MaybeTensor, dht: MaybeTensor, final_state: MaybeTensor, offset: int, segments: int,
-                 cu_seqlens: MaybeTensor, o: MaybeTensor, u: MaybeTensor
+                 cu_seqlens: MaybeTensor, o: MaybeTensor, u: MaybeTensor, received: MaybeTensor
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         grads = _backward_kernels(variant, q, k, v, do.contiguous(), log2_decay, theta, initial_state, dht,
-                                  final_state, offset, segments, cu_seqlens, o, u)
+                                  final_state, offset, segments, cu_seqlens, o, u, received)
         # outputs may not alias each other: a fresh empty tensor for each absent gradient
         return tuple(q.new_empty(0) if g is None else g for g in grads)
 
@@ -587,10 +618,11 @@ def _custom_ops(variant: Variant):
     @fwd_op.register_fake
     def _(q, k, v, log2_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens=None, u=None):
         return (torch.empty_like(v), (_state_like(variant, q, cu_seqlens) if output_final_state else q.new_empty(0)),
-                torch.empty_like(v) if variant.epilogue else q.new_empty(0))
+                torch.empty_like(v) if variant.epilogue else q.new_empty(0),
+                _state_like(variant, split.as_pieces(q, segments)) if segments > 1 else q.new_empty(0))
 
     @bwd_op.register_fake
-    def _(q, k, v, do, log2_decay, theta, initial_state, dht, final_state, offset, segments, cu_seqlens, o, u):
+    def _(q, k, v, do, log2_decay, theta, initial_state, dht, final_state, offset, segments, cu_seqlens, o, u, received):
         like = (q, k, v, log2_decay if learned else None, theta, initial_state, u)
         return tuple(q.new_empty(0) if t is None else torch.empty_like(t) for t in like)
 
@@ -599,11 +631,12 @@ def _custom_ops(variant: Variant):
         # decay=scalar / vector: the final state itself enters dg (see _log2_decay_grad)
         final_state = output[1] if learned and output_final_state else None
         o = output[2] if variant.epilogue else None  # the attention's own output, for the epilogue's backward
-        ctx.save_for_backward(q, k, v, log2_decay, theta, initial_state, final_state, cu_seqlens, o, u)
+        received = output[3] if segments > 1 else None  # the states the pieces started from
+        ctx.save_for_backward(q, k, v, log2_decay, theta, initial_state, final_state, cu_seqlens, o, u, received)
         ctx.offset, ctx.final, ctx.segments = offset, output_final_state, segments
 
-    def autograd_backward(ctx, do, dht, _do_inner):  # the third output (o) is internal: never used outside
-        q, k, v, log2_decay, theta, h0, ht, cu_seqlens, o, u = ctx.saved_tensors
+    def autograd_backward(ctx, do, dht, _do_inner, _received):  # the last two outputs are internal
+        q, k, v, log2_decay, theta, h0, ht, cu_seqlens, o, u, received = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], variant.dv, dtype=v.dtype, device=v.device)
         dht = dht.to(torch.float32).contiguous() if (ctx.final and dht is not None) else None
@@ -614,7 +647,7 @@ def _custom_ops(variant: Variant):
                      None if u is None else torch.zeros_like(u))
         elif _use_kernels(q):
             grads = bwd_op(q, k, v, do, log2_decay, theta, h0, dht, ht if dht is not None else None, ctx.offset,
-                           ctx.segments, cu_seqlens, o, u)
+                           ctx.segments, cu_seqlens, o, u, received)
         else:  # the reference needs autograd, which is off below the op's dispatch: run it here
             grads = _backward_reference(variant, q, k, v, do, log2_decay, theta, h0, dht, ctx.offset, ctx.segments,
                                         cu_seqlens, u=u)

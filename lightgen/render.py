@@ -12,6 +12,13 @@ from .spec import Variant
 from .symbolic import decay_code, features_code, gate_code
 
 MAIN_TEMPLATE = "kernels.py.j2"
+# a variant's kernel modules: (template, packed sequences?). Each is its own file with its own key, so
+# that adding one leaves the others' source (and their tuned configs' key) unchanged.
+MODULES = {
+    "main": (MAIN_TEMPLATE, False),
+    "varlen": (MAIN_TEMPLATE, True),  # packed sequences (cu_seqlens)
+    "pieces": ("pieces.py.j2", False),  # sequence splitting's state passes
+}
 
 
 def template_dir() -> Path:
@@ -23,14 +30,14 @@ def template_dir() -> Path:
     raise FileNotFoundError(f"lightgen templates not found next to {here}; reinstall lightgen")
 
 
-def source_key(variant: Variant, templates: Path | None = None, varlen: bool = False) -> str:
+def source_key(variant: Variant, templates: Path | None = None, module: str = "main") -> str:
     """Hash of the generated source itself: it names the cached file and keys tuned launch configs,
     so a template edit that leaves a variant's kernels as they were keeps their tuned entries."""
     templates = templates or template_dir()
     # on every kernel call: stat the templates (cheap), re-read and hash them only when they changed
     stats = [(p.name, p.stat()) for p in sorted(templates.glob("*.j2"))]
     stamps = tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats)
-    return _rendered_key(variant, str(templates), _templates_digest(str(templates), stamps), varlen)
+    return _rendered_key(variant, str(templates), _templates_digest(str(templates), stamps), module)
 
 
 @functools.lru_cache(maxsize=16)
@@ -42,13 +49,16 @@ def _templates_digest(templates: str, stamps: tuple) -> str:
 
 
 @functools.lru_cache(maxsize=512)
-def _rendered_key(variant: Variant, templates: str, templates_digest: str, varlen: bool) -> str:
-    return hashlib.sha256(render(variant, Path(templates), varlen).encode()).hexdigest()[:20]
+def _rendered_key(variant: Variant, templates: str, templates_digest: str, module: str) -> str:
+    return hashlib.sha256(render(variant, Path(templates), module).encode()).hexdigest()[:20]
 
 
-def render(variant: Variant, templates: Path | None = None, varlen: bool = False) -> str:
-    """The kernel module's source. varlen=True: the kernels of packed sequences (cu_seqlens), a
-    module of their own, so that the plain kernels' source (and their tuned configs' key) is unchanged."""
+def render(variant: Variant, templates: Path | None = None, module: str = "main") -> str:
+    """The source of one of the variant's kernel modules (MODULES): "main" (forward, backward, decode
+    step), "varlen" (the same for packed sequences) or "pieces" (sequence splitting's state passes)."""
+    if module not in MODULES:
+        raise ValueError(f"module={module!r}: expected one of {', '.join(MODULES)}")
+    template, varlen = MODULES[module]
     templates = templates or template_dir()
     env = _environment(str(templates))
     feats = features_code(variant)
@@ -118,7 +128,7 @@ def render(variant: Variant, templates: Path | None = None, varlen: bool = False
             lines.append("out_v = out_v * _gate(u.to(tl.float32))")
         return lines + store("y_ptr", "H * DV", "tile", "out_v", "Y", False)
 
-    return env.get_template(MAIN_TEMPLATE).render(
+    return env.get_template(template).render(
         variant=variant, version=__version__, feats=feats, varlen=varlen,
         decay=variant.decay != "none", constant=variant.decay == "constant", scalar=variant.decay == "scalar",
         vector=variant.decay == "vector",

@@ -16,9 +16,9 @@ def fresh_cache(tmp_path, monkeypatch):
     calls = []
     original = build.render
 
-    def counting_render(variant, templates=None, varlen=False):
+    def counting_render(variant, templates=None, module="main"):
         calls.append(variant)
-        return original(variant, templates, varlen)
+        return original(variant, templates, module)
 
     monkeypatch.setattr(build, "render", counting_render)
     return calls

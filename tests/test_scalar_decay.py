@@ -83,7 +83,8 @@ def test_torch_compile_fullgraph_and_opcheck():
     op = getattr(torch.ops.lightgen, f"attn_{attn.variant.hash}")
     log2_decay = (g / 0.6931471805599453).requires_grad_()
     h0 = torch.randn(1, 2, 16, 16, device=DEVICE)
-    torch.library.opcheck(op, (q, k, v, log2_decay, None, h0, 0, True, 1))
+    for segments in (1, 2):  # 2: the sequence as two pieces (the op returns the states they started from)
+        torch.library.opcheck(op, (q, k, v, log2_decay, None, h0, 0, True, segments))
 
 
 def _chunked_recurrence(variant, q, k, v, slopes, g):
