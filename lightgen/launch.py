@@ -205,20 +205,22 @@ def epilogue_rows(variant) -> int:
 
 def segments(variant, shape, dtype, device) -> int:
     """How many pieces to cut each sequence into (1: none; lightgen.split runs them). Long sequences with
-    few (batch, head) pairs leave SMs idle with one program per (batch, head, tile), each walking the
-    whole sequence. Measured on H100 (D = 128, bf16, 65,536 tokens): 256 programs of 8K tokens run the
-    forward as fast as 2048 programs of 1K (0.496 vs 0.488 ms), 32 programs of 64K take 3.8 ms. The
-    pieces' state passes read k and v (q and dO backward) once more, so: split only with fewer programs
-    than SMs, then into pieces until about 4 programs per SM, no piece under 1024 tokens."""
+    few (batch, head) pairs leave SMs idle: each program walks the whole sequence. Measured on H100
+    (D = 128, H = 16, bf16, 65,536 tokens; tuned: one program per pair): 128 pairs of 8K tokens run the
+    forward as fast as 1024 pairs of 1K (0.474 vs 0.485 ms) and slower when split (1.16 ms in 2 pieces);
+    64 pairs of 16K are fastest in 8 pieces (fwd+bwd 2.81 vs 3.26 ms), 16 pairs of 64K in 32 (2.70 vs
+    12.4 ms). The pieces' state passes read k and v (q and dO backward) once more, so: split only with
+    at most half as many pairs as SMs, into pieces until twice as many (pair, piece)s as SMs, none
+    under 1024 tokens. (Pairs, not programs: the count must not depend on tuned tiles, so that
+    torch.compile can trace it.)"""
     if device.type != "cuda" or variant.decay == "vector":  # vector: no state passes yet
         return 1
     b, n, h, _ = shape
-    programs = b * h * (variant.dv // params(variant, "fwd", dtype, n, device)["BV"])
-    sms = _sm_count(device)
-    if programs >= sms:
+    pairs, sms = b * h, _sm_count(device)
+    if 2 * pairs > sms:
         return 1
     pieces = 1
-    while programs * pieces < 4 * sms and n % (2 * pieces) == 0 and n // (2 * pieces) >= 1024:
+    while pairs * pieces < 2 * sms and n % (2 * pieces) == 0 and n // (2 * pieces) >= 1024:
         pieces *= 2
     return pieces
 
@@ -226,6 +228,7 @@ def segments(variant, shape, dtype, device) -> int:
 _SMS: dict = {}
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it when tracing and keeps the number
 def _sm_count(device) -> int:
     if device not in _SMS:
         _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count

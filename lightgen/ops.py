@@ -367,9 +367,11 @@ def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final, seg
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = pieces(log2_decay) if variant.decay == "scalar" else log2_decay
-    own = _state_pass(variant, "fwd_state", pieces(k), (pieces(k), pieces(v)), piece_decay, theta, offset, segments)
+    module = build.load(variant, "pieces")
+    own = _state_pass(module, variant, "fwd_state", pieces(k), (pieces(k), pieces(v)), piece_decay, theta, offset,
+                      segments)
     decays = split.piece_log2_decays(variant, log2_decay, q.shape, segments, q.device)
-    received = split.received(own.view(b, segments, *own.shape[1:]), decays, h0).flatten(0, 1)
+    received = split.scan(module, own, decays, h0)
     y, ht, o = _forward_pass(variant, pieces(q), pieces(k), pieces(v), piece_decay, theta, received, offset, final,
                              segments, None, pieces(u))
     whole = functools.partial(_whole, b=b, n=n)
@@ -382,12 +384,12 @@ def _whole(t, b, n):
     return None if t is None else t.view(b, n, *t.shape[2:])
 
 
-def _state_pass(variant, kernel, like, operands, log2_decay, theta, offset, segments):
+def _state_pass(module, variant, kernel, like, operands, log2_decay, theta, offset, segments):
     """One state per piece and head ([B * P, H, F, dv] fp32) from a state pass of the pieces module
     (fwd_state, bwd_state); `like` has the pieces' q shape."""
     states = _state_like(variant, like)
-    _launch(build.load(variant, "pieces"), variant, kernel, like, "BV", (*operands, states, log2_decay, theta), offset,
-            segments, HAS_FINAL=True)
+    _launch(module, variant, kernel, like, "BV", (*operands, states, log2_decay, theta), offset, segments,
+            HAS_FINAL=True)
     return states
 
 
@@ -416,9 +418,11 @@ def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offs
     pieces = functools.partial(split.as_pieces, segments=segments)
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
     piece_decay = pieces(log2_decay) if variant.decay == "scalar" else log2_decay
-    own = _state_pass(variant, "bwd_state", pieces(q), (pieces(q), pieces(do)), piece_decay, theta, offset, segments)
+    pieces_module = build.load(variant, "pieces")
+    own = _state_pass(pieces_module, variant, "bwd_state", pieces(q), (pieces(q), pieces(do)), piece_decay, theta,
+                      offset, segments)
     decays = split.piece_log2_decays(variant, log2_decay, q.shape, segments, q.device)
-    sent = split.sent_back(by_piece(own), decays, dht).flatten(0, 1)
+    sent = split.scan(pieces_module, own, decays, dht, reverse=True)
     after = None
     if variant.learned_decay:  # the state after each piece, for dg (the sequence's last: ht, needed only with dht)
         last = ht[:, None] if dht is not None else torch.zeros_like(by_piece(received)[:, :1])

@@ -8,12 +8,14 @@ state before it (bwd_state, from q and dO alone); a decayed suffix sum gives the
 after each piece, which the backward kernels of all pieces take as their final state's gradient.
 The price: k and v are read once more in the forward, q and dO in the backward.
 
-Here: the views and the scans, on [B, P, H, F, dv] fp32 states (tiny next to q, k, v).
-Piece p's state E_p is the state after its last token; d_p = the log2 decay over piece p.
+Here: the views, and the scans over pieces (a kernel of the pieces module: a sequential walk over the
+P pieces' [F, dv] fp32 states, which are small next to q, k, v). Piece p's state E_p is the state after
+its last token; d_p = the log2 decay over piece p.
 """
 from __future__ import annotations
 
 import torch
+import triton
 
 
 def as_pieces(t: torch.Tensor | None, segments: int) -> torch.Tensor | None:
@@ -34,33 +36,16 @@ def piece_log2_decays(variant, log2_decay, shape, segments, device) -> torch.Ten
     return torch.zeros(b, segments, h, dtype=torch.float64, device=device)
 
 
-def _between(decays) -> torch.Tensor:
-    """w[b, p, j, h] = 2^(sum of d over the pieces strictly between p and j), 0 where j >= p."""
-    ends = decays.cumsum(1)
-    starts = ends - decays
-    p = torch.arange(decays.shape[1], device=decays.device)
-    earlier = (p[:, None] > p[None, :])[None, :, :, None]
-    # masked before exp2: the rest could overflow
-    return torch.where(earlier, starts[:, :, None] - ends[:, None], -torch.inf).exp2().float()
-
-
-def received(own, decays, h0=None) -> torch.Tensor:
-    """The state each piece starts from [B, P, H, F, dv]: E_(p-1) = sum over j < p of 2^(d_(j+1) + ... +
-    d_(p-1)) own_j, plus 2^(d_0 + ... + d_(p-1)) h0 (the sequence's initial state)."""
-    states = torch.einsum("bpjh,bjhfv->bphfv", _between(decays), own)
-    if h0 is not None:
-        before = (decays.cumsum(1) - decays).exp2().float()  # from the sequence's start to each piece's
-        states = states + before[..., None, None] * h0[:, None]
-    return states.contiguous()  # the kernels take [B * P, H, F, dv] states as laid out
-
-
-def sent_back(own_grads, decays, dht=None) -> torch.Tensor:
-    """The gradient of the state after each piece [B, P, H, F, dv]: dE_p = sum over j > p of
-    2^(d_(p+1) + ... + d_(j-1)) r_j, r_j the gradient piece j's outputs send to the state before it,
-    plus 2^(d_(p+1) + ... + d_(P-1)) dht (the final state's gradient)."""
-    flipped = decays.flip(1)
-    grads = torch.einsum("bpjh,bjhfv->bphfv", _between(flipped), own_grads.flip(1)).flip(1)
-    if dht is not None:
-        after = (flipped.cumsum(1) - flipped).exp2().float().flip(1)  # from each piece's end to the sequence's
-        grads = grads + after[..., None, None] * dht[:, None]
-    return grads.contiguous()
+def scan(module, own, decays, start=None, reverse=False) -> torch.Tensor:
+    """The pieces module's scan over [B * P, H, F, dv] states (see its comment), with start [B, H, F, dv]
+    or None and decays d [B, P, H] (log2): forward, the state each piece starts from, E_(p-1) = 2^d_(p-1)
+    E_(p-2) + own_(p-1) from E_(-1) = start; reverse, the gradient of the state after each piece, dE_p =
+    2^d_(p+1) dE_(p+1) + own_(p+1) (own: what each piece sends back) from dE_(P-1) = start."""
+    b, segments, h = decays.shape
+    size = own[0, 0].numel()
+    out = torch.empty_like(own)
+    block = min(1024, triton.next_power_of_2(size))
+    module.scan[(b * h, triton.cdiv(size, block))](
+        own, decays.exp2().float().contiguous(), start, out, segments, h, size, BLOCK=block, REVERSE=reverse,
+        HAS_START=start is not None)
+    return out

@@ -60,26 +60,26 @@ def test_sequence_splitting(spec, segments, states, monkeypatch):
     monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
     passes = []
     state_pass = ops._state_pass
-    monkeypatch.setattr(ops, "_state_pass", lambda variant, kernel, *a: passes.append(kernel) or state_pass(variant, kernel, *a))
+    monkeypatch.setattr(ops, "_state_pass", lambda module, variant, kernel, *a: passes.append(kernel)
+                        or state_pass(module, variant, kernel, *a))
     check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=states, offset=3)
     assert set(passes) == {"fwd_state", "bwd_state"}
 
 
 def test_splitting_rule(monkeypatch):
-    """Split only with fewer programs than SMs, into pieces until about 4 programs per SM (none under 1024
-    tokens); decay=vector and CPU tensors never split."""
+    """Split only with at most half as many (batch, head) pairs as SMs, into pieces until twice as many
+    (pair, piece)s as SMs (none under 1024 tokens); decay=vector and CPU tensors never split."""
     from lightgen import launch
 
     monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(launch, "params", lambda *args: {"BV": 64})  # 2 tiles of dv = 128
     cuda = torch.device("cuda")
 
     def pieces(b, n, spec="decay=constant,causal,dk=128,dv=128", device=cuda):
         return launch.segments(lightgen.Variant.parse(spec), (b, n, 16, 128), torch.bfloat16, device)
 
-    assert pieces(8, 8192) == 1  # 256 programs
-    assert pieces(4, 16384) == 8  # 128 programs -> 1024
-    assert pieces(1, 65536) == 32  # 32 programs -> 1024, pieces of 2048
+    assert pieces(8, 8192) == 1  # 128 pairs
+    assert pieces(4, 16384) == 8  # 64 pairs -> 512
+    assert pieces(1, 65536) == 32  # 16 pairs -> 512, pieces of 2048
     assert pieces(1, 3000) == 2  # 1500-token pieces; 750 would be too short
     assert pieces(1, 1001) == 1  # odd
     assert pieces(1, 65536, "decay=vector,causal,dk=128,dv=128") == 1
