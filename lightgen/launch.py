@@ -208,11 +208,11 @@ def segments(variant, shape, dtype, device) -> int:
     few (batch, head) pairs leave SMs idle: each program walks the whole sequence. Measured on H100
     (D = 128, H = 16, bf16, 65,536 tokens; tuned: one program per pair): 128 pairs of 8K tokens run the
     forward as fast as 1024 pairs of 1K (0.474 vs 0.485 ms) and slower when split (1.16 ms in 2 pieces);
-    64 pairs of 16K are fastest in 8 pieces (fwd+bwd 2.81 vs 3.26 ms), 16 pairs of 64K in 32 (2.70 vs
-    12.4 ms). The pieces' state passes read k and v (q and dO backward) once more, so: split only with
-    at most half as many pairs as SMs, into pieces until twice as many (pair, piece)s as SMs, none
-    under 1024 tokens. (Pairs, not programs: the count must not depend on tuned tiles, so that
-    torch.compile can trace it.)"""
+    64 pairs of 16K run fwd+bwd in 2.39 ms as 4 pieces (3.31 unsplit, 2.49 as 8), 16 pairs of 64K in
+    2.41 ms as 16 (2.51 as 32, 12.4 unsplit). The pieces' state passes read k and v (q and dO backward)
+    once more, so: split only with at most half as many pairs as SMs, into pieces until as many
+    (pair, piece)s as SMs, none under 1024 tokens. (Pairs, not programs: the count must not depend on
+    tuned tiles, so that torch.compile can trace it.)"""
     if device.type != "cuda" or variant.decay == "vector":  # vector: no state passes yet
         return 1
     b, n, h, _ = shape
@@ -220,7 +220,7 @@ def segments(variant, shape, dtype, device) -> int:
     if 2 * pairs > sms:
         return 1
     pieces = 1
-    while pairs * pieces < 2 * sms and n % (2 * pieces) == 0 and n // (2 * pieces) >= 1024:
+    while pairs * pieces < sms and n % (2 * pieces) == 0 and n // (2 * pieces) >= 1024:
         pieces *= 2
     return pieces
 

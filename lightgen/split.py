@@ -44,7 +44,7 @@ def scan(module, own, decays, start=None, reverse=False) -> torch.Tensor:
     b, segments, h = decays.shape
     size = own[0, 0].numel()
     out = torch.empty_like(own)
-    block = min(1024, triton.next_power_of_2(size))
+    block = min(256, triton.next_power_of_2(size))  # many programs: each walks P pieces one after another
     module.scan[(b * h, triton.cdiv(size, block))](
         own, decays.exp2().float().contiguous(), start, out, segments, h, size, BLOCK=block, REVERSE=reverse,
         HAS_START=start is not None)

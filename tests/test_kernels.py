@@ -67,7 +67,7 @@ def test_sequence_splitting(spec, segments, states, monkeypatch):
 
 
 def test_splitting_rule(monkeypatch):
-    """Split only with at most half as many (batch, head) pairs as SMs, into pieces until twice as many
+    """Split only with at most half as many (batch, head) pairs as SMs, into pieces until as many
     (pair, piece)s as SMs (none under 1024 tokens); decay=vector and CPU tensors never split."""
     from lightgen import launch
 
@@ -78,8 +78,8 @@ def test_splitting_rule(monkeypatch):
         return launch.segments(lightgen.Variant.parse(spec), (b, n, 16, 128), torch.bfloat16, device)
 
     assert pieces(8, 8192) == 1  # 128 pairs
-    assert pieces(4, 16384) == 8  # 64 pairs -> 512
-    assert pieces(1, 65536) == 32  # 16 pairs -> 512, pieces of 2048
+    assert pieces(4, 16384) == 4  # 64 pairs -> 256
+    assert pieces(1, 65536) == 16  # 16 pairs -> 256, pieces of 4096
     assert pieces(1, 3000) == 2  # 1500-token pieces; 750 would be too short
     assert pieces(1, 1001) == 1  # odd
     assert pieces(1, 65536, "decay=vector,causal,dk=128,dv=128") == 1
