@@ -144,6 +144,32 @@ class LinearAttention:
             o = reference.epilogue(variant, o.float(), u).to(v.dtype)
         return o
 
+    @torch.no_grad()
+    def chunk_state(self, k, v, slopes=None, theta=None, offset=0, g=None) -> torch.Tensor:
+        """The state a chunk of a causal sequence leaves from a zero start, sum over its tokens s of
+        decay(s -> last) f(k_s)^T v_s: [B, H, F, dv] fp32, from k and v alone (sequence parallelism:
+        what a rank hands on). No gradient."""
+        return self._state_pass("fwd_state", k, v, slopes, theta, offset, g)
+
+    @torch.no_grad()
+    def state_gradient(self, q, do, slopes=None, theta=None, offset=0, g=None) -> torch.Tensor:
+        """What a chunk's outputs send back to the state before it: dL/dS [B, H, F, dv] fp32 for
+        o = attn(q, k, v, initial_state=S) and dL/do = do, from q and do alone (sequence parallelism:
+        what a rank hands back). No gradient."""
+        return self._state_pass("bwd_state", q, do, slopes, theta, offset, g)
+
+    def _state_pass(self, kernel, x, y, slopes, theta, offset, g):
+        variant = self.variant
+        if not variant.causal or variant.decay == "vector":
+            raise NotImplementedError(f"{kernel}: states of {variant.canonical()} (causal variants, not decay=vector)")
+        _check_inputs(variant, x, x, y)  # (k, k, v) or (q, q, do): the shapes of q, k, v
+        log2_decay, theta = self._decay_and_theta(slopes, g, theta, x.shape[:3], "B, N, H", x.device)
+        x, y = x.contiguous(), y.contiguous()
+        if not _use_kernels(x):
+            return _reference_state_pass(variant, kernel, x, y, log2_decay, theta, offset)
+        segments = launch.segments(variant, x.shape, x.dtype, x.device)
+        return _chunk_state_pass(variant, kernel, x, y, log2_decay, theta, offset, segments)
+
     def new_state(self, batch, heads, device=None) -> torch.Tensor:
         """A zero state [B, H, F, dv] fp32 for step (F = dk, or 2 dk under LRPE)."""
         return torch.zeros(_state_shape(self.variant, batch, heads), dtype=torch.float32, device=device)
@@ -391,6 +417,43 @@ def _state_pass(module, variant, kernel, like, operands, log2_decay, theta, offs
     _launch(module, variant, kernel, like, "BV", (*operands, states, log2_decay, theta), offset, segments,
             HAS_FINAL=True)
     return states
+
+
+def _chunk_state_pass(variant, kernel, x, y, log2_decay, theta, offset, segments):
+    """LinearAttention.chunk_state / state_gradient by the pieces module: one state per sequence, from its
+    pieces' states combined by the scan when it is split (the state after the last piece; the gradient
+    of the state before the first)."""
+    module = build.load(variant, "pieces")
+    pieces = functools.partial(split.as_pieces, segments=segments)
+    piece_decay = pieces(log2_decay) if variant.decay == "scalar" else log2_decay
+    own = _state_pass(module, variant, kernel, pieces(x), (pieces(x), pieces(y)), piece_decay, theta, offset, segments)
+    if segments == 1:
+        return own
+    b = x.shape[0]
+    decays = split.piece_log2_decays(variant, log2_decay, x.shape, segments, x.device)  # [B, P, H]
+    by_piece = own.view(b, segments, *own.shape[1:])
+    if kernel == "fwd_state":  # E_(P-1) = 2^d_(P-1) E_(P-2) + own_(P-1)
+        before = split.scan(module, own, decays).view_as(by_piece)[:, -1]
+        return decays[:, -1].exp2().float()[..., None, None] * before + by_piece[:, -1]
+    after = split.scan(module, own, decays, reverse=True).view_as(by_piece)[:, 0]  # dE_0
+    return decays[:, 0].exp2().float()[..., None, None] * after + by_piece[:, 0]
+
+
+def _reference_state_pass(variant, kernel, x, y, log2_decay, theta, offset):
+    """chunk_state / state_gradient by the reference: the final state from zero (x = k, y = v), or the
+    gradient of <o, do> with respect to the initial state (x = q, y = do; o is linear in it)."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, y = x.to(work), y.to(work)
+    decay = _natural_decay(variant, log2_decay)
+    if kernel == "fwd_state":
+        return reference.quadratic(variant.without_epilogue, x, x, y, theta=theta, offset=offset,
+                                   output_final_state=True, **decay)[1].float()
+    b, _, h, _ = x.shape
+    start = torch.zeros(_state_shape(variant, b, h), dtype=work, device=x.device, requires_grad=True)
+    with torch.enable_grad():
+        o = reference.quadratic(variant.without_epilogue, x, torch.zeros_like(x), torch.zeros_like(y), theta=theta,
+                                initial_state=start, offset=offset, **decay)
+        return torch.autograd.grad(o, start, y)[0].float()
 
 
 def _forward_pass(variant, q, k, v, log2_decay, theta, h0, offset, final, segments, cu_seqlens=None, u=None):

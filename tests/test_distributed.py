@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tnl.distributed.sequence_parallel import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
@@ -94,7 +95,7 @@ def test_tensor_parallel_2_ranks(tmp_path):
 @pytest.mark.parametrize("world, kernels", [(2, True), (4, False)], ids=["2ranks-kernels", "4ranks-reference"])
 def test_sequence_parallel(tmp_path, world, kernels):
     result = launch(f"sp{world}", world, tmp_path, kernels=kernels)
-    for method in ("add_state", "recompute"):
+    for method in METHODS:
         check_matches(result[method])
 
 
@@ -214,7 +215,7 @@ def scenario_sp(out):
     ref_loss, ref_grads = reference_run(model, x, y)
     group = dist.group.WORLD
     results = {}
-    for method in ("add_state", "recompute"):
+    for method in METHODS:
         enable_sequence_parallel(model, group, method)
         model.zero_grad(set_to_none=True)
         loss = model.loss(split_sequence(x, group), split_sequence(y, group))

@@ -190,3 +190,29 @@ def test_torch_compile_fullgraph_and_opcheck():
     torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), log2_decay, theta.detach(), None, 0, False, 1))
     h0 = torch.randn(1, 2, 32, 16, device=DEVICE)
     torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), log2_decay, theta.detach(), h0, 7, True, 1))
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+@pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=none,causal,dk=32,dv=16",
+                                  "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32"])
+def test_chunk_state_and_state_gradient(spec, segments, monkeypatch):
+    """attn.chunk_state (the state from zero, from k and v) is the final state of attn(...), and
+    attn.state_gradient (from q and dO) is the gradient of <o, dO> with respect to the initial state;
+    also when the chunk runs as pieces (forced)."""
+    from lightgen import launch
+
+    monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
+    attn = lightgen.compile(spec)
+    q, k, v, do, slopes, theta, g = random_inputs(attn.variant, 2, 48, 2, DTYPES[0], DEVICE)
+    state = attn.chunk_state(k, v, slopes, theta, offset=7, g=g)
+    _, final = attn(q, k, v, slopes, theta, output_final_state=True, offset=7, g=g)
+    torch.testing.assert_close(state, final, rtol=1e-3, atol=1e-4)
+    start = torch.zeros_like(final).requires_grad_()
+    o = attn(q, k, v, slopes, theta, initial_state=start, offset=7, g=g)
+    expected, = torch.autograd.grad(o, start, do)
+    got = attn.state_gradient(q, do, slopes, theta, offset=7, g=g)
+    assert rel_err(got, expected) < TOLERANCE[DTYPES[0]]
+    if DEVICE == "cpu":  # the PyTorch reference path (models on the CPU) gives the same
+        monkeypatch.setenv("LIGHTGEN_CPU_REFERENCE", "1")
+        assert rel_err(attn.chunk_state(k, v, slopes, theta, offset=7, g=g), state) < TOLERANCE[DTYPES[0]]
+        assert rel_err(attn.state_gradient(q, do, slopes, theta, offset=7, g=g), got) < TOLERANCE[DTYPES[0]]

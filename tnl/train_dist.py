@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--mesh", type=parse_mesh, default=None,
                    help="DP,TP (default: all ranks data parallel, i.e. WORLD/SP,1)")
     p.add_argument("--sp", type=int, default=1, help="sequence parallel ranks per sequence")
-    p.add_argument("--sp-method", default="add_state", choices=METHODS,
+    p.add_argument("--sp-method", default="states", choices=METHODS,
                    help="how a rank adds the earlier ranks' state (tnl.distributed.sequence_parallel)")
     p.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="model size preset")
     p.add_argument("--num-heads", type=int, default=None, help="override the preset's head count (TP splits heads)")

@@ -38,7 +38,7 @@ def make_mesh(dp: int, sp: int, tp: int, device_type: str = "cpu") -> DeviceMesh
     return init_device_mesh(device_type, (sp, dp, tp), mesh_dim_names=MESH_DIMS)
 
 
-def parallelize(model, mesh: DeviceMesh, sp_method: str = "add_state"):
+def parallelize(model, mesh: DeviceMesh, sp_method: str = "states"):
     """TP over mesh["tp"], SP over mesh["sp"] (if > 1), then FSDP2 per block and at the root."""
     parallelize_tnl(model, mesh["tp"])
     if mesh["sp"].size() > 1:

@@ -16,8 +16,17 @@ scatter calls that take group ranks for global ones, and fails on any SP group t
 whole world (torch 2.13). LRPE angles use the absolute position (offset = r L) in the kernel and in
 f(q) alike.
 
-Step 3 has two forms (`method`):
-  "add_state"  (default) the state's contribution as one batched product of f(q) (lightgen's own
+Three forms (`method`):
+  "states"     (default) as lightgen's own sequence splitting does it: step 1 is only the chunk's state
+               (attn.chunk_state: a pass over k and v, no outputs), and the kernel then runs once with
+               the incoming state, o, S = attn(q, k, v, initial_state=S_in, output_final_state=True),
+               so steps 1 and 3 are one kernel pass plus a state pass. Backward, the mirror: each rank's
+               outputs send a gradient to the state before its chunk (attn.state_gradient, from q and
+               dO), those are all-gathered and combined in reverse into the gradient of this rank's
+               final state, and the kernel's own backward takes it. The first rank sends nothing back
+               and the last hands no state on, so they skip those passes: on one rank this is the plain
+               attention (measured on H100: see the README).
+  "add_state"  the state's contribution as one batched product of f(q) (lightgen's own
                PyTorch feature map, recomputed in the backward by activation checkpointing) with S_in
   "recompute"  a second kernel pass attn(q, k, v, initial_state=S_in, offset=r L) for the output
 "add_state" runs the kernel once per chunk in the forward and once in the backward, "recompute"
@@ -42,7 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightgen import reference
 
-METHODS = ("add_state", "recompute")
+METHODS = ("states", "add_state", "recompute")
 
 
 def split_sequence(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -98,6 +107,61 @@ def incoming_state(states: torch.Tensor, rank: int, lam: torch.Tensor, chunk: in
         return torch.einsum("ph,pbhfv->bhfv", weights.float(), states.float())
 
 
+def outgoing_gradient(grads: torch.Tensor, rank: int, lam: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The gradient of rank `rank`'s final state: sum over j > rank of lambda^(chunk (j-1-rank)) grads[j],
+    grads [P, B, H, F, dv] what each rank's outputs send to the state before its chunk."""
+    j = torch.arange(grads.shape[0], device=grads.device)
+    hops = (j - 1 - rank).clamp_min(0).to(torch.float32)
+    weights = lam[None, :] ** (chunk * hops[:, None]) * (j > rank)[:, None]  # [P, H]
+    return torch.einsum("ph,pbhfv->bhfv", weights.float(), grads.float())
+
+
+def _gathered(x: torch.Tensor, group) -> torch.Tensor:
+    """[world, *x.shape] from every rank's x (no gradient)."""
+    out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
+    _all_gather_single(out, x.contiguous(), group=group)
+    return out.view(-1, *x.shape)
+
+
+class _SendStateGradients(torch.autograd.Function):
+    """The identity on o. Its backward turns do into the gradient of this rank's final state (what the
+    later ranks' outputs send back, all-gathered) and hands both to the attention's own backward."""
+
+    @staticmethod
+    def forward(ctx, o, final, q, slopes, theta, lam, attn, offset, group):
+        ctx.save_for_backward(q, slopes, theta, lam)
+        ctx.attn, ctx.offset, ctx.group = attn, offset, group
+        return o.view_as(o)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, slopes, theta, lam = ctx.saved_tensors
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        if rank > 0:  # the first rank's outputs have no earlier state to send a gradient to
+            sent = ctx.attn.state_gradient(q, do, slopes=slopes, theta=theta, offset=ctx.offset)
+        else:
+            sent = ctx.attn.new_state(q.shape[0], q.shape[2], q.device)
+        grads = _gathered(sent, ctx.group)
+        dfinal = outgoing_gradient(grads, rank, lam, q.shape[1]) if rank < world - 1 else None
+        return do, dfinal, None, None, None, None, None, None, None
+
+
+def _attention_by_states(attn, q, k, v, slopes, theta, group):
+    """method="states" (see the module's docstring)."""
+    rank, world, chunk = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
+    offset = rank * chunk
+    lam = _decay(slopes, q.shape[2], q.device)
+    if rank < world - 1:  # the last rank's state goes nowhere
+        own = attn.chunk_state(k, v, slopes=slopes, theta=theta, offset=offset)
+    else:
+        own = attn.new_state(q.shape[0], q.shape[2], q.device)
+    states = _gathered(own, group)  # every rank joins the collective
+    state_in = incoming_state(states, rank, lam, chunk) if rank > 0 else None
+    o, final = attn(q, k, v, slopes=slopes, theta=theta, initial_state=state_in, output_final_state=True,
+                    offset=offset)
+    return _SendStateGradients.apply(o, final, q, slopes, theta, lam, attn, offset, group)
+
+
 def _state_contribution(variant, q, theta, lam, state, offset: int):
     """scale lambda^(t+1) f(q_t) S_in for t in the chunk: [B, L, H, dv] fp32."""
     with torch.autocast(q.device.type, enabled=False):
@@ -107,11 +171,13 @@ def _state_contribution(variant, q, theta, lam, state, offset: int):
         return torch.einsum("blhf,bhfv->blhv", fq * into[None, :, :, None], state)
 
 
-def sequence_parallel_attention(attn, q, k, v, slopes=None, theta=None, *, group, method="add_state"):
+def sequence_parallel_attention(attn, q, k, v, slopes=None, theta=None, *, group, method="states"):
     """attn (a lightgen LinearAttention, causal) over a sequence split across `group`.
     q, k, v [B, L, H, d] are this rank's chunk; returns this rank's o [B, L, H, dv]."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {', '.join(METHODS)}")
+    if method == "states":
+        return _attention_by_states(attn, q, k, v, slopes, theta, group)
     rank, chunk = dist.get_rank(group), q.shape[1]
     offset = rank * chunk
     o, own = attn(q, k, v, slopes=slopes, theta=theta, output_final_state=True, offset=offset)
@@ -125,7 +191,7 @@ def sequence_parallel_attention(attn, q, k, v, slopes=None, theta=None, *, group
     return (o.float() + extra).to(o.dtype)
 
 
-def enable_sequence_parallel(model, group, method: str = "add_state"):
+def enable_sequence_parallel(model, group, method: str = "states"):
     """Make every token mixer of a TNLForCausalLM attend across `group` (the GLA.sequence_parallel
     hook). Feed each rank its split_sequence of the inputs and targets."""
     if method not in METHODS:
