@@ -228,8 +228,13 @@ def segments(variant, shape, dtype, device) -> int:
 _SMS: dict = {}
 
 
-@torch.compiler.assume_constant_result  # torch.compile runs it when tracing and keeps the number
 def _sm_count(device) -> int:
     if device not in _SMS:
         _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SMS[device]
+
+
+# torch.compile runs it when tracing and keeps the number. This is what torch.compiler.
+# assume_constant_result(_sm_count) does; calling that at import would import torch._dynamo and with it
+# Triton, before the CLI can choose Triton's interpreter (TRITON_INTERPRET is read at Triton's import).
+_sm_count._dynamo_marked_constant = True

@@ -15,7 +15,6 @@ its last token; d_p = the log2 decay over piece p.
 from __future__ import annotations
 
 import torch
-import triton
 
 
 def as_pieces(t: torch.Tensor | None, segments: int) -> torch.Tensor | None:
@@ -44,8 +43,8 @@ def scan(module, own, decays, start=None, reverse=False) -> torch.Tensor:
     b, segments, h = decays.shape
     size = own[0, 0].numel()
     out = torch.empty_like(own)
-    block = min(256, triton.next_power_of_2(size))  # many programs: each walks P pieces one after another
-    module.scan[(b * h, triton.cdiv(size, block))](
+    block = min(256, 1 << (size - 1).bit_length())  # many programs: each walks P pieces one after another
+    module.scan[(b * h, -(-size // block))](
         own, decays.exp2().float().contiguous(), start, out, segments, h, size, BLOCK=block, REVERSE=reverse,
         HAS_START=start is not None)
     return out

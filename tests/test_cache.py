@@ -1,4 +1,5 @@
 """Generated files: rendered once per source key, re-rendered when a template changes or a file is damaged."""
+import os
 import shutil
 
 import pytest
@@ -71,3 +72,14 @@ def test_source_is_printable():
     text = attn.source()
     assert attn.variant.canonical() in text and "_features_grad" in text
     compile(text, str(attn.source_path), "exec")  # valid Python
+
+
+def test_importing_lightgen_leaves_triton_unimported():
+    """The CLI picks Triton's interpreter (TRITON_INTERPRET=1) after importing lightgen, and Triton reads
+    that setting when it is first imported: lightgen must import it only when a kernel runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, lightgen, lightgen.cli; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={k: v for k, v in os.environ.items()
+                                                                     if k != "TRITON_INTERPRET"})
