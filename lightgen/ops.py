@@ -393,10 +393,7 @@ def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final, seg
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = pieces(log2_decay) if variant.decay == "scalar" else log2_decay
-    module = build.load(variant, "pieces")
-    own = _state_pass(module, variant, "fwd_state", pieces(k), (pieces(k), pieces(v)), piece_decay, theta, offset,
-                      segments)
-    decays = split.piece_log2_decays(variant, log2_decay, q.shape, segments, q.device)
+    module, own, decays = _piece_states(variant, "fwd_state", k, v, log2_decay, theta, offset, segments)
     received = split.scan(module, own, decays, h0)
     y, ht, o = _forward_pass(variant, pieces(q), pieces(k), pieces(v), piece_decay, theta, received, offset, final,
                              segments, None, pieces(u))
@@ -410,27 +407,27 @@ def _whole(t, b, n):
     return None if t is None else t.view(b, n, *t.shape[2:])
 
 
-def _state_pass(module, variant, kernel, like, operands, log2_decay, theta, offset, segments):
-    """One state per piece and head ([B * P, H, F, dv] fp32) from a state pass of the pieces module
-    (fwd_state, bwd_state); `like` has the pieces' q shape."""
-    states = _state_like(variant, like)
-    _launch(module, variant, kernel, like, "BV", (*operands, states, log2_decay, theta), offset, segments,
-            HAS_FINAL=True)
-    return states
+def _piece_states(variant, kernel, x, y, log2_decay, theta, offset, segments):
+    """A state pass of the pieces module over each sequence's `segments` pieces: (the module, one state per
+    piece and head [B * P, H, F, dv] fp32, the pieces' log2 decays d [B, P, H]). kernel: fwd_state
+    (x, y = k, v) or bwd_state (q, dO)."""
+    module = build.load(variant, "pieces")
+    pieces = functools.partial(split.as_pieces, segments=segments)
+    piece_decay = pieces(log2_decay) if variant.decay == "scalar" else log2_decay
+    states = _state_like(variant, pieces(x))
+    _launch(module, variant, kernel, pieces(x), "BV", (pieces(x), pieces(y), states, piece_decay, theta), offset,
+            segments, HAS_FINAL=True)
+    return module, states, split.piece_log2_decays(variant, log2_decay, x.shape, segments, x.device)
 
 
 def _chunk_state_pass(variant, kernel, x, y, log2_decay, theta, offset, segments):
     """LinearAttention.chunk_state / state_gradient by the pieces module: one state per sequence, from its
     pieces' states combined by the scan when it is split (the state after the last piece; the gradient
     of the state before the first)."""
-    module = build.load(variant, "pieces")
-    pieces = functools.partial(split.as_pieces, segments=segments)
-    piece_decay = pieces(log2_decay) if variant.decay == "scalar" else log2_decay
-    own = _state_pass(module, variant, kernel, pieces(x), (pieces(x), pieces(y)), piece_decay, theta, offset, segments)
+    module, own, decays = _piece_states(variant, kernel, x, y, log2_decay, theta, offset, segments)
     if segments == 1:
         return own
     b = x.shape[0]
-    decays = split.piece_log2_decays(variant, log2_decay, x.shape, segments, x.device)  # [B, P, H]
     by_piece = own.view(b, segments, *own.shape[1:])
     if kernel == "fwd_state":  # E_(P-1) = 2^d_(P-1) E_(P-2) + own_(P-1)
         before = split.scan(module, own, decays).view_as(by_piece)[:, -1]
@@ -481,10 +478,7 @@ def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offs
     pieces = functools.partial(split.as_pieces, segments=segments)
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
     piece_decay = pieces(log2_decay) if variant.decay == "scalar" else log2_decay
-    pieces_module = build.load(variant, "pieces")
-    own = _state_pass(pieces_module, variant, "bwd_state", pieces(q), (pieces(q), pieces(do)), piece_decay, theta,
-                      offset, segments)
-    decays = split.piece_log2_decays(variant, log2_decay, q.shape, segments, q.device)
+    pieces_module, own, decays = _piece_states(variant, "bwd_state", q, do, log2_decay, theta, offset, segments)
     sent = split.scan(pieces_module, own, decays, dht, reverse=True)
     after = None
     if variant.learned_decay:  # the state after each piece, for dg (the sequence's last: ht, needed only with dht)

@@ -59,9 +59,9 @@ def test_sequence_splitting(spec, segments, states, monkeypatch):
 
     monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
     passes = []
-    state_pass = ops._state_pass
-    monkeypatch.setattr(ops, "_state_pass", lambda module, variant, kernel, *a: passes.append(kernel)
-                        or state_pass(module, variant, kernel, *a))
+    piece_states = ops._piece_states
+    monkeypatch.setattr(ops, "_piece_states", lambda variant, kernel, *a: passes.append(kernel)
+                        or piece_states(variant, kernel, *a))
     check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=states, offset=3)
     assert set(passes) == {"fwd_state", "bwd_state"}
 
