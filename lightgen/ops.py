@@ -392,7 +392,7 @@ def _forward_kernels(variant, q, k, v, log2_decay, theta, h0, offset, final, seg
         return (*_forward_pass(variant, q, k, v, log2_decay, theta, h0, offset, final, 1, cu_seqlens, u), None)
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
-    piece_decay = pieces(log2_decay) if variant.decay == "scalar" else log2_decay
+    piece_decay = split.kernel_log2_decay(variant, log2_decay, segments)
     module, own, decays = _piece_states(variant, "fwd_state", k, v, log2_decay, theta, offset, segments)
     received = split.scan(module, own, decays, h0)
     y, ht, o = _forward_pass(variant, pieces(q), pieces(k), pieces(v), piece_decay, theta, received, offset, final,
@@ -413,7 +413,7 @@ def _piece_states(variant, kernel, x, y, log2_decay, theta, offset, segments):
     (x, y = k, v) or bwd_state (q, dO)."""
     module = build.load(variant, "pieces")
     pieces = functools.partial(split.as_pieces, segments=segments)
-    piece_decay = pieces(log2_decay) if variant.decay == "scalar" else log2_decay
+    piece_decay = split.kernel_log2_decay(variant, log2_decay, segments)
     states = _state_like(variant, pieces(x))
     _launch(module, variant, kernel, pieces(x), "BV", (pieces(x), pieces(y), states, piece_decay, theta), offset,
             segments, HAS_FINAL=True)
@@ -477,7 +477,7 @@ def _backward_kernels(variant, q, k, v, do, log2_decay, theta, h0, dht, ht, offs
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
-    piece_decay = pieces(log2_decay) if variant.decay == "scalar" else log2_decay
+    piece_decay = split.kernel_log2_decay(variant, log2_decay, segments)
     pieces_module, own, decays = _piece_states(variant, "bwd_state", q, do, log2_decay, theta, offset, segments)
     sent = split.scan(pieces_module, own, decays, dht, reverse=True)
     after = None

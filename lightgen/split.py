@@ -25,6 +25,12 @@ def as_pieces(t: torch.Tensor | None, segments: int) -> torch.Tensor | None:
     return t.view(b * segments, n // segments, *t.shape[2:])
 
 
+def kernel_log2_decay(variant, log2_decay, segments):
+    """The log2 decays as the kernels take them for the pieces: per token [B * P, N / P, H] under
+    decay=scalar, else as they are (per head, or None)."""
+    return as_pieces(log2_decay, segments) if variant.decay == "scalar" else log2_decay
+
+
 def piece_log2_decays(variant, log2_decay, shape, segments, device) -> torch.Tensor:
     """d [B, P, H] float64: the log2 decay over each piece (decay=scalar: the sum of its tokens')."""
     b, n, h = shape[:3]

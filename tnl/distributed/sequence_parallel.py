@@ -100,20 +100,22 @@ def incoming_state(states: torch.Tensor, rank: int, lam: torch.Tensor, chunk: in
 
     Every gathered state enters, with weight 0 for j >= rank (so rank 0 gets zeros): each rank's
     graph must reach the all-gather, whose backward is a collective that all ranks have to join."""
-    j = torch.arange(states.shape[0], device=states.device)
-    hops = (rank - 1 - j).clamp_min(0).to(torch.float32)
-    weights = lam[None, :] ** (chunk * hops[:, None]) * (j < rank)[:, None]  # [P, H]
-    with torch.autocast(states.device.type, enabled=False):  # states are fp32: keep them so under bf16 autocast
-        return torch.einsum("ph,pbhfv->bhfv", weights.float(), states.float())
+    return _decayed_sum(states, rank, lam, chunk, earlier=True)
 
 
 def outgoing_gradient(grads: torch.Tensor, rank: int, lam: torch.Tensor, chunk: int) -> torch.Tensor:
     """The gradient of rank `rank`'s final state: sum over j > rank of lambda^(chunk (j-1-rank)) grads[j],
     grads [P, B, H, F, dv] what each rank's outputs send to the state before its chunk."""
-    j = torch.arange(grads.shape[0], device=grads.device)
-    hops = (j - 1 - rank).clamp_min(0).to(torch.float32)
-    weights = lam[None, :] ** (chunk * hops[:, None]) * (j > rank)[:, None]  # [P, H]
-    return torch.einsum("ph,pbhfv->bhfv", weights.float(), grads.float())
+    return _decayed_sum(grads, rank, lam, chunk, earlier=False)
+
+
+def _decayed_sum(states, rank, lam, chunk, earlier):
+    """sum over the ranks j before `rank` (earlier) or after it of lambda^(chunk * ranks between) states[j]."""
+    j = torch.arange(states.shape[0], device=states.device)
+    between = ((rank - 1 - j) if earlier else (j - 1 - rank)).clamp_min(0).to(torch.float32)
+    weights = lam[None, :] ** (chunk * between[:, None]) * ((j < rank) if earlier else (j > rank))[:, None]  # [P, H]
+    with torch.autocast(states.device.type, enabled=False):  # states are fp32: keep them so under bf16 autocast
+        return torch.einsum("ph,pbhfv->bhfv", weights.float(), states.float())
 
 
 def _gathered(x: torch.Tensor, group) -> torch.Tensor:
