@@ -213,7 +213,7 @@ def segments(variant, shape, dtype, device) -> int:
     once more, so: split only with at most half as many pairs as SMs, into pieces until as many
     (pair, piece)s as SMs, none under 1024 tokens. (Pairs, not programs: the count must not depend on
     tuned tiles, so that torch.compile can trace it.)"""
-    if device.type != "cuda" or variant.decay == "vector":  # vector: no state passes yet
+    if device.type != "cuda":
         return 1
     b, n, h, _ = shape
     pairs, sms = b * h, _sm_count(device)

@@ -37,7 +37,7 @@ class LinearAttention:
     LRPE position of the first token (chunked prefill, sequence parallelism).
     attn(..., cu_seqlens=cu): packed sequences, B = 1: q, k, v [1, T, H, D] hold S sequences back to back,
     cu int32 [S + 1] their offsets (0, ..., T; non-decreasing); each is attended on its own, from LRPE
-    position offset, with its own states [S, H, F, dv]; g [1, T, H]. Never split into pieces.
+    position offset, with its own states [S, H, F, dv]; g [1, T, H] (or [1, T, H, dk]). Never split into pieces.
     attn.step(q, k, v, state, position=t) -> o: one decode token per sequence, the state updated in place.
 
     Layout [B, N, H, D] (batch, sequence, heads, head dim), like flash-linear-attention:
@@ -49,7 +49,6 @@ class LinearAttention:
                       Any real g works; g <= 0 keeps the states bounded
       g [B, N, H, dk] decay=vector only, required: the same per key dim (GLA), S_t = diag(exp(g_t)) S_{t-1}
                       + f(k_t)^T v_t; under LRPE dim i decays state rows i and dk + i. Learnable (gets dg).
-                      Not yet: packed sequences (cu_seqlens), the decode step (step)
       theta  [H, dk]  lrpe=d only, required; learnable (the backward returns its gradient)
       u [B, N, H, dv] gated variants only (gate=act), required, v's dtype: the output is
                       SRMSNorm(o) * act(u) (norm=srms; else o * act(u)); learnable (gets du)
@@ -84,10 +83,7 @@ class LinearAttention:
         u = _check_gate_input(variant, u, v, "B, N, H")
         batch, heads = q.shape[0], q.shape[2]
         if cu_seqlens is not None:
-            if variant.decay == "vector":
-                raise NotImplementedError("cu_seqlens: decay=vector does not take packed sequences yet; "
-                                          "call it once per sequence")
-            batch = _check_cu_seqlens(cu_seqlens, q)  # states are per sequence
+                batch = _check_cu_seqlens(cu_seqlens, q)  # states are per sequence
         log2_decay, theta = self._decay_and_theta(slopes, g, theta, q.shape[:3], "B, N, H", q.device)
         if (initial_state is not None or output_final_state) and not variant.causal:
             raise ValueError("initial_state, output_final_state: states exist only for causal variants")
@@ -108,16 +104,13 @@ class LinearAttention:
         Variants with an epilogue return epilogue(o, u) (u [B, H, dv] for a gate), applied in PyTorch.
 
         q, k [B, H, dk], v [B, H, dv] -> o [B, H, dv] in v's dtype; g [B, H] the token's log decay
-        (decay=scalar: lambda = exp(g)). state [B, H, F, dv] fp32,
+        (decay=scalar: lambda = exp(g); decay=vector: g [B, H, dk], one per key dim). state [B, H, F, dv] fp32,
         contiguous, is updated IN PLACE (read once, written once: the memory floor of decoding);
         it is the state that attn(..., output_final_state=True) returns. position: the LRPE position
         of the token, an int for every sequence or an integer tensor [B] (one per sequence; its values
         are not checked, they stay on the device). Inference only: no gradients.
         """
         variant = self.variant
-        if variant.decay == "vector":
-            raise NotImplementedError("step: decay=vector has no decode step yet; run the sequence through "
-                                      "attn(..., initial_state=S, output_final_state=True) instead")
         if not variant.causal:
             raise ValueError(f"step: {variant.canonical()} is non-causal; the recurrent step exists for causal "
                              f"variants only")
@@ -160,8 +153,8 @@ class LinearAttention:
 
     def _state_pass(self, kernel, x, y, slopes, theta, offset, g):
         variant = self.variant
-        if not variant.causal or variant.decay == "vector":
-            raise NotImplementedError(f"{kernel}: states of {variant.canonical()} (causal variants, not decay=vector)")
+        if not variant.causal:
+            raise ValueError(f"{kernel}: {variant.canonical()} is non-causal; states exist only for causal variants")
         _check_inputs(variant, x, x, y)  # (k, k, v) or (q, q, do): the shapes of q, k, v
         log2_decay, theta = self._decay_and_theta(slopes, g, theta, x.shape[:3], "B, N, H", x.device)
         x, y = x.contiguous(), y.contiguous()
@@ -429,11 +422,12 @@ def _chunk_state_pass(variant, kernel, x, y, log2_decay, theta, offset, segments
         return own
     b = x.shape[0]
     by_piece = own.view(b, segments, *own.shape[1:])
+    rows = own.shape[-2]
     if kernel == "fwd_state":  # E_(P-1) = 2^d_(P-1) E_(P-2) + own_(P-1)
         before = split.scan(module, own, decays).view_as(by_piece)[:, -1]
-        return decays[:, -1].exp2().float()[..., None, None] * before + by_piece[:, -1]
+        return split.state_factor(decays[:, -1], rows) * before + by_piece[:, -1]
     after = split.scan(module, own, decays, reverse=True).view_as(by_piece)[:, 0]  # dE_0
-    return decays[:, 0].exp2().float()[..., None, None] * after + by_piece[:, 0]
+    return split.state_factor(decays[:, 0], rows) * after + by_piece[:, 0]
 
 
 def _reference_state_pass(variant, kernel, x, y, log2_decay, theta, offset):
@@ -564,10 +558,11 @@ def _packed_log2_decay_grad(variant, dG, dht, ht, cu_seqlens):
     difference keeps its digits)."""
     starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
     if dht is not None:  # each sequence's last row; an empty sequence has none (its term: 0)
-        last = _final_state_term(variant, dht, ht) * (ends > starts)[:, None]  # [S, H]
+        last = _final_state_term(variant, dht, ht)  # [S, H] (vector: [S, H, dk])
+        last = last * (ends > starts).view(-1, *[1] * (last.dim() - 1))
         dG[0].index_add_(0, (ends - 1).clamp_min(0), last)
     suffix = dG[0].double().flip(0).cumsum(0).flip(0)
-    suffix = torch.cat([suffix, suffix.new_zeros(1, suffix.shape[1])])  # [T + 1, H]: nothing after row T - 1
+    suffix = torch.cat([suffix, suffix.new_zeros(1, *suffix.shape[1:])])  # [T + 1, H(, dk)]: nothing after row T - 1
     rows = torch.arange(dG.shape[1], device=dG.device)
     end = ends[torch.searchsorted(ends, rows, right=True)]  # where each row's sequence ends
     return ((suffix[:-1] - suffix[end]) * _LN2).float()[None]

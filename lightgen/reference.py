@@ -141,7 +141,7 @@ def _log_decays(variant, slopes, g, shape, dtype, device):
 
 def _feature_log_decays(variant, slopes, g, shape, dtype, device):
     """log lambda [B, N, H, 1] per token and head, or [B, N, H, F] per feature (decay=vector: g's dim i
-    for feature i and, under LRPE, for feature dk + i too); `shape` = [B, N, H]."""
+    for feature i and, under LRPE, for feature dk + i too); `shape` = [B, N, H] (a step's: [B, H])."""
     if variant.decay == "vector":
         g = g.to(device=device, dtype=dtype)
         return torch.cat([g, g], -1) if variant.lrpe == "d" else g
@@ -249,14 +249,13 @@ def recurrent(variant, q, k, v, slopes=None, theta=None, initial_state=None, off
 def step(variant, q, k, v, state, slopes=None, theta=None, positions=0, g=None):
     """One token per sequence: S' = lambda S + f(k)^T v, o = scale f(q) S'. Returns (o, S'); `state`
     is left as it was. q, k [B, H, dk], v [B, H, dv], state [B, H, F, dv]; positions: the LRPE
-    position, an int for every row or a tensor [B] (one per row); g [B, H]: the token's log decay (decay=scalar)."""
+    position, an int for every row or a tensor [B] (one per row); g: the token's log decay, [B, H] (decay=scalar)
+    or [B, H, dk] (decay=vector)."""
     variant = as_variant(variant)
-    if variant.decay == "vector":
-        raise NotImplementedError("step: decay=vector has no decode step yet")
     fq, fk = phi(variant, q) * variant.scale, phi(variant, k)
     if variant.lrpe == "d":
         t = torch.as_tensor(positions, device=q.device).to(theta.dtype).reshape(-1, 1, 1)  # [B or 1, 1, 1]
         fq, fk = _rotate(fq, t * theta), _rotate(fk, t * theta)
-    lam = _log_decays(variant, slopes, g, q.shape[:2], fq.dtype, q.device).exp()[..., None, None]
+    lam = _feature_log_decays(variant, slopes, g, q.shape[:2], fq.dtype, q.device).exp()[..., None]  # [B, H, 1 or F, 1]
     new_state = lam * state.to(fq.dtype) + fk[..., :, None] * v.to(fq.dtype)[..., None, :]
     return torch.einsum("bhf,bhfv->bhv", fq, new_state), new_state

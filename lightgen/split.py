@@ -27,15 +27,16 @@ def as_pieces(t: torch.Tensor | None, segments: int) -> torch.Tensor | None:
 
 def kernel_log2_decay(variant, log2_decay, segments):
     """The log2 decays as the kernels take them for the pieces: per token [B * P, N / P, H] under
-    decay=scalar, else as they are (per head, or None)."""
-    return as_pieces(log2_decay, segments) if variant.decay == "scalar" else log2_decay
+    decay=scalar ([..., dk] under vector), else as they are (per head, or None)."""
+    return as_pieces(log2_decay, segments) if variant.learned_decay else log2_decay
 
 
 def piece_log2_decays(variant, log2_decay, shape, segments, device) -> torch.Tensor:
-    """d [B, P, H] float64: the log2 decay over each piece (decay=scalar: the sum of its tokens')."""
+    """d [B, P, H] float64: the log2 decay over each piece (decay=scalar: the sum of its tokens'; decay=vector:
+    the same per key dim, [B, P, H, dk])."""
     b, n, h = shape[:3]
-    if variant.decay == "scalar":
-        return log2_decay.view(b, segments, n // segments, h).double().sum(2)
+    if variant.learned_decay:
+        return log2_decay.view(b, segments, n // segments, *log2_decay.shape[2:]).double().sum(2)
     if variant.decay == "constant":
         return (log2_decay.double() * (n // segments)).expand(b, segments, h)
     return torch.zeros(b, segments, h, dtype=torch.float64, device=device)
@@ -43,14 +44,25 @@ def piece_log2_decays(variant, log2_decay, shape, segments, device) -> torch.Ten
 
 def scan(module, own, decays, start=None, reverse=False) -> torch.Tensor:
     """The pieces module's scan over [B * P, H, F, dv] states (see its comment), with start [B, H, F, dv]
-    or None and decays d [B, P, H] (log2): forward, the state each piece starts from, E_(p-1) = 2^d_(p-1)
-    E_(p-2) + own_(p-1) from E_(-1) = start; reverse, the gradient of the state after each piece, dE_p =
-    2^d_(p+1) dE_(p+1) + own_(p+1) (own: what each piece sends back) from dE_(P-1) = start."""
-    b, segments, h = decays.shape
+    or None and decays d [B, P, H] (log2; [B, P, H, dk] under decay=vector): forward, the state each piece
+    starts from, E_(p-1) = 2^d_(p-1) E_(p-2) + own_(p-1) from E_(-1) = start; reverse, the gradient of the
+    state after each piece, dE_p = 2^d_(p+1) dE_(p+1) + own_(p+1) (own: what each piece sends back) from
+    dE_(P-1) = start."""
+    b, segments, h = decays.shape[:3]
     size = own[0, 0].numel()
     out = torch.empty_like(own)
+    per_dim = (decays.shape[3], own.shape[-1]) if decays.dim() == 4 else ()  # the kernel's DK, DV (vector)
     block = min(256, 1 << (size - 1).bit_length())  # many programs: each walks P pieces one after another
     module.scan[(b * h, -(-size // block))](
-        own, decays.exp2().float().contiguous(), start, out, segments, h, size, BLOCK=block, REVERSE=reverse,
-        HAS_START=start is not None)
+        own, decays.exp2().float().contiguous(), start, out, segments, h, size, *per_dim, BLOCK=block,
+        REVERSE=reverse, HAS_START=start is not None)
     return out
+
+
+def state_factor(decays: torch.Tensor, rows: int) -> torch.Tensor:
+    """2^d as a factor of [B, H, F, dv] states (F = rows): d [B, H] per state, or [B, H, dk] per key dim
+    (decay=vector: state row f belongs to key dim f % dk)."""
+    factor = decays.exp2().float()
+    if factor.dim() == 2:
+        return factor[..., None, None]
+    return factor.repeat(1, 1, rows // factor.shape[-1])[..., None]

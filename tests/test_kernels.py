@@ -51,7 +51,8 @@ def test_states(spec, n):
 
 @pytest.mark.parametrize("segments,states", [(2, True), (4, True), (3, False)])
 @pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=none,causal,dk=32,dv=16",
-                                  "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32"])
+                                  "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32",
+                                  "decay=vector,causal,lrpe=d,phi=silu,dk=16,dv=32"])
 def test_sequence_splitting(spec, segments, states, monkeypatch):
     """Long sequences cut into pieces of a larger batch (forced here): same outputs, gradients, states.
     (Pieces of 32, 24 and 48 tokens: full and partial chunks; the state passes run.)"""
@@ -68,7 +69,7 @@ def test_sequence_splitting(spec, segments, states, monkeypatch):
 
 def test_splitting_rule(monkeypatch):
     """Split only with at most half as many (batch, head) pairs as SMs, into pieces until as many
-    (pair, piece)s as SMs (none under 1024 tokens); decay=vector and CPU tensors never split."""
+    (pair, piece)s as SMs (none under 1024 tokens); CPU tensors never split."""
     from lightgen import launch
 
     monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
@@ -82,7 +83,7 @@ def test_splitting_rule(monkeypatch):
     assert pieces(1, 65536) == 16  # 16 pairs -> 256, pieces of 4096
     assert pieces(1, 3000) == 2  # 1500-token pieces; 750 would be too short
     assert pieces(1, 1001) == 1  # odd
-    assert pieces(1, 65536, "decay=vector,causal,dk=128,dv=128") == 1
+    assert pieces(1, 65536, "decay=vector,causal,dk=128,dv=128") == 16
     assert pieces(1, 65536, device=torch.device("cpu")) == 1
 
 
@@ -194,7 +195,8 @@ def test_torch_compile_fullgraph_and_opcheck():
 
 @pytest.mark.parametrize("segments", [1, 3])
 @pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=none,causal,dk=32,dv=16",
-                                  "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32"])
+                                  "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32",
+                                  "decay=vector,causal,lrpe=d,phi=silu,dk=16,dv=32"])
 def test_chunk_state_and_state_gradient(spec, segments, monkeypatch):
     """attn.chunk_state (the state from zero, from k and v) is the final state of attn(...), and
     attn.state_gradient (from q and dO) is the gradient of <o, dO> with respect to the initial state;

@@ -12,12 +12,13 @@ SPECS = ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32",
          "decay=none,causal,phi=identity,dk=32,dv=16",
          "decay=constant,causal,phi=elu+1,dk=16,dv=16,scale=0.5",
          "decay=none,causal,lrpe=d,phi=silu,dk=32,dv=32",
-         "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32"]
+         "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32",
+         "decay=vector,causal,lrpe=d,phi=silu,dk=16,dv=32"]
 
 
 def _setup(spec, b, n, h, dtype, seed=0):
     """The compiled variant, inputs [B, N, H, D], a random initial state [B, H, F, dv] fp32 and the log
-    decays g [B, N, H] (decay=scalar, else None)."""
+    decays g [B, N, H] (decay=scalar), [B, N, H, dk] (decay=vector), else None."""
     attn = lightgen.compile(spec)
     variant = attn.variant
     q, k, v, _, slopes, theta, g = random_inputs(variant, b, n, h, dtype, DEVICE, seed)
@@ -31,7 +32,7 @@ def _f64(t):
 
 
 def _at(g, t):
-    """The log decays of token t, [B, H] (None without decay=scalar)."""
+    """The log decays of token t, [B, H] or [B, H, dk] (None without a learned decay)."""
     return None if g is None else g[:, t]
 
 
@@ -91,7 +92,8 @@ def test_state_is_updated_in_place():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the kernel side runs on CPU tensors under the interpreter only")
-@pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16", "decay=scalar,causal,dk=16,dv=16"])
+@pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16", "decay=scalar,causal,dk=16,dv=16",
+                                  "decay=vector,causal,lrpe=d,dk=16,dv=16"])
 def test_cpu_reference_path(spec, monkeypatch):
     """CPU tensors without the interpreter take lightgen.reference.step: same result, same in-place update."""
     attn, q, k, v, slopes, theta, h0, g = _setup(spec, b=2, n=1, h=2, dtype=torch.float32)
@@ -147,14 +149,15 @@ def test_bad_input_names_the_argument():
 @pytest.mark.skipif(DEVICE != "cuda", reason="4096 steps need a GPU (the interpreter takes minutes)")
 @pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=128,dv=128,scale=1",
                                   "decay=none,causal,phi=elu+1,dk=64,dv=128",
-                                  "decay=scalar,causal,phi=identity,dk=128,dv=128,scale=1"])
+                                  "decay=scalar,causal,phi=identity,dk=128,dv=128,scale=1",
+                                  "decay=vector,causal,phi=identity,dk=128,dv=128,scale=1"])
 def test_4096_steps_after_chunked_prefill_match_the_parallel_forward(spec):
     """bf16: a prefill of 1000 tokens in two chunks hands its state to 4096 decode steps; outputs and the
     final state match the parallel forward over all 5096 tokens (the bf16 kernels) and float64."""
     prompt, steps, split = 1000, 4096, 600
     attn, q, k, v, slopes, theta, _, g = _setup(spec, b=2, n=prompt + steps, h=4, dtype=torch.bfloat16)
 
-    def piece(start, end):  # the log decays of tokens start..end-1 (None without decay=scalar)
+    def piece(start, end):  # the log decays of tokens start..end-1 (None without a learned decay)
         return None if g is None else g[:, start:end]
 
     with torch.no_grad():

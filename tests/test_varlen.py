@@ -18,7 +18,7 @@ from lightgen.verify import random_inputs
 LENGTHS = [0, 1, 45, 64, 17]
 CASES = ["decay=none,causal,dk=16,dv=32", "decay=constant,causal,lrpe=d,phi=silu,dk=32,dv=16",
          "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=constant,noncausal,lrpe=d,phi=elu+1,dk=16,dv=32",
-         "decay=none,noncausal,dk=32,dv=16"]
+         "decay=none,noncausal,dk=32,dv=16", "decay=vector,causal,lrpe=d,phi=silu,dk=16,dv=32"]
 
 
 def _check(spec, dtype=DTYPES[0], lengths=LENGTHS):
@@ -37,13 +37,15 @@ def test_against_reference(spec, dtype):
 @pytest.mark.parametrize("tile", [16, None])
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("spec", ["decay=scalar,causal,lrpe=d,phi=silu,dk=32,dv=32",
-                                  "decay=constant,noncausal,phi=silu,dk=32,dv=32"])
+                                  "decay=constant,noncausal,phi=silu,dk=32,dv=32",
+                                  "decay=vector,causal,phi=silu,dk=32,dv=32"])
 def test_backward_paths_and_tiles(spec, path, tile):
     with launch.backward(path), launch.override({"BK": tile, "BV": tile} if tile else {}):
         _check(spec, lengths=[17, 0, 40, 0])  # empty sequences in the middle and last too
 
 
 @pytest.mark.parametrize("spec", ["decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32",
+                                  "decay=vector,causal,lrpe=d,phi=silu,dk=16,dv=32",
                                   "decay=constant,noncausal,lrpe=d,phi=silu,dk=16,dv=16"])
 def test_each_sequence_as_its_own_call(spec):
     """A packed call equals one call per sequence (same chunking, so to rounding): nothing leaks from one

@@ -1,7 +1,8 @@
 """decay=vector (GLA): a log decay g [B, N, H, dk] per token, head and key dim. Forward, every gradient
 (dg included) and the states against float64; fast decays (per-chunk decays far below 2^-126, where a
 factored intra-chunk product would overflow); the reference against the recurrence it stands for; the
-scalar decay as the special case of equal dims; the CPU reference path; errors and what is not there yet."""
+scalar decay as the special case of equal dims; the CPU reference path; errors. (Its decode step, packed
+sequences and splitting: test_step.py, test_varlen.py, test_kernels.py.)"""
 import functools
 
 import pytest
@@ -92,7 +93,7 @@ def test_cpu_reference_path_matches_the_kernels(monkeypatch):
         assert rel_err(a, b) < TOLERANCE[torch.float32] * verify.SLACK.get(name, 1.0), name
 
 
-def test_errors_and_what_is_not_there_yet():
+def test_errors_and_the_one_backward_path():
     attn = lightgen.compile("decay=vector,causal,dk=16,dv=32")
     q, k = (torch.randn(2, 20, 3, 16, device=DEVICE) for _ in range(2))
     v = torch.randn(2, 20, 3, 32, device=DEVICE)
@@ -104,14 +105,14 @@ def test_errors_and_what_is_not_there_yet():
         lightgen.compile("decay=scalar,causal,dk=16,dv=32")(q, k, v, g=g)
     with pytest.raises(ValueError, match="^decay=vector: causal only"):
         lightgen.Variant.parse("decay=vector,noncausal,dk=16,dv=16")
-    with pytest.raises(NotImplementedError, match="^cu_seqlens: decay=vector"):
-        attn(q[:1], k[:1], v[:1], g=g[:1], cu_seqlens=torch.tensor([0, 5, 20], dtype=torch.int32, device=DEVICE))
-    with pytest.raises(NotImplementedError, match="^step: decay=vector"):
-        attn.step(q[:, 0], k[:, 0], v[:, 0], attn.new_state(2, 3, DEVICE), g=g[:, 0])
-    # one backward path (no bwd_dkv is generated), whatever is forced; no sequence splitting
+    with pytest.raises(ValueError, match=r"^g: expected shape \[1, 20, 3, 16\]"):  # packed: [1, T, H, dk]
+        attn(q[:1], k[:1], v[:1], g=g[:1, ..., 0], cu_seqlens=torch.tensor([0, 5, 20], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"^g: expected shape \[2, 3, 16\]"):  # a step's: [B, H, dk]
+        attn.step(q[:, 0], k[:, 0], v[:, 0], attn.new_state(2, 3, DEVICE), g=g[:, 0, :, 0])
+    # one backward path (no bwd_dkv is generated), whatever is forced
     with launch.backward("fused"):
         assert launch.backward_path(attn.variant, torch.float16, 4096, torch.device(DEVICE)) == "split"
-    assert "def bwd_dkv" not in attn.source() and "def step" not in attn.source()
+    assert "def bwd_dkv" not in attn.source() and "def step" in attn.source()
     attn(q, k, v, g=g.half())  # any float dtype
 
 
