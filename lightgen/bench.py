@@ -9,6 +9,16 @@ Contenders (each skipped with a note when not installed, never faked):
 Peers compute constant-decay causal attention with identity phi (fla: per-token decay g for
 decay=scalar); for other variants they are a yardstick of the field, not the same math. Floor: bytes moved once (fwd reads q, k, v and writes o;
 bwd reads q, k, v, dO and writes dq, dk, dv) at the measured device copy bandwidth.
+bench.json is rewritten after each row (atomically), so a run cut short keeps the rows it finished.
+
+fla-core's Hopper guard: fla-core 0.6.0 refuses chunk_bwd_dqkwg with a per-token decay g on Hopper with
+Triton 3.4 to 3.7.1 (fla issue #640: that Triton miscompiles the kernel at block width BK = 64; fla picks
+BK = 128 on Hopper, so it is right at head dim 128 and wrong at 64). For a learned decay run() lifts the
+guard (lift_fla_hopper_guard) to time the peer anyway, and records it (fla_guard_lifted).
+Agreement check: where fla computes the same math as lightgen (causal, decay constant / scalar / vector,
+identity phi, no LRPE, no epilogue), each row runs both once on the timed inputs and records fla's
+relative errors against lightgen's (row["fla"]["vs_lightgen"]); above AGREE, the row marks fla's time as
+one of wrong results (row["fla"]["wrong"]). lightgen's own correctness is tested elsewhere (verify.py).
 
 decode(): one decode step for B sequences (`lightgen bench SPEC --decode`): lightgen's step kernel
 against fla-core's fused_recurrent_simple_gla with one token (g_gamma, or g for decay=scalar), and the floor of reading and writing
@@ -16,11 +26,72 @@ the fp32 state once (plus q, k, v, o).
 """
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
+
+
+# fla's results further than this from lightgen's (relative error of o or of a gradient) are wrong, not
+# rounding: two kernels within bf16's tolerance (verify.TOLERANCE, 2.5e-2) of the exact result differ by less
+AGREE = 0.05
+
+
+def write_json(result, path):
+    """Write `result` as JSON to `path` atomically: to a temp file in the same folder, then os.replace,
+    so a run killed mid-write leaves the previous file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+
+
+def lift_fla_hopper_guard() -> bool:
+    """Let fla-core's chunk_bwd_dqkwg run with a per-token decay g on Hopper with Triton 3.4 to 3.7.1
+    (fla issue #640; the guard tests the module-level flag TRITON_ABOVE_3_7_1 of fla.ops.common.chunk_o).
+    True when the guard was there and is now lifted; False when fla is not importable or has no guard
+    to lift. The results of the lifted kernel are checked against lightgen's (agreement) where they
+    compute the same math."""
+    try:
+        chunk_o = importlib.import_module("fla.ops.common.chunk_o")
+    except Exception:  # noqa: BLE001 - no fla-core (or a broken one): nothing to lift
+        return False
+    if getattr(chunk_o, "TRITON_ABOVE_3_7_1", True):
+        return False
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    print("note: lifted fla-core's Hopper guard in chunk_bwd_dqkwg (fla #640: Triton 3.4-3.7.1 miscompiles it at "
+          "BK=64) for timing; where fla computes the same math, its results are checked against lightgen's below")
+    return True
+
+
+def agreement(ours, theirs, args, do, g=None) -> dict[str, float]:
+    """Relative errors (verify.rel_err) of theirs' o, dq, dk, dv (and dg, the gradient of the log decays g
+    both functions close over) against ours', each function called once on args = (q, k, v) with the
+    output gradient do. dg's error is measured as verify.compare measures it (relative to the size of the
+    sums it is the difference of), so rounding where those sums cancel is not counted as a difference."""
+    from .verify import _dg_scale, rel_err
+
+    q, k = args[:2]
+    wrt = [*args] + ([g] if g is not None else [])
+    names = ["o", "dq", "dk", "dv"] + (["dg"] if g is not None else [])
+    with torch.enable_grad():  # the bench may be timing under no_grad; torch.autograd.grad leaves .grad alone
+        o = ours(*args)
+        expected = [o.detach(), *torch.autograd.grad(o, wrt, do)]
+        o = theirs(*args)
+        actual = [o.detach(), *torch.autograd.grad(o, wrt, do)]
+        del o  # theirs' graph goes with it
+    scales = {"dg": _dg_scale(q, k, expected[1], expected[2], q.dtype, per_dim=g.dim() == 4)} \
+        if g is not None else {}
+    return {name: rel_err(a, e, scales.get(name, 0.0)) for name, a, e in zip(names, actual, expected)}
+
+
+def _worst(errors) -> float:
+    """The largest of the errors, NaN first (a NaN is the worst disagreement)."""
+    return max(errors.values(), key=lambda e: math.inf if math.isnan(e) else e)
 
 
 def copy_bandwidth(device="cuda") -> float:
@@ -118,6 +189,11 @@ def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384,
     result = {"variant": variant.canonical(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "dtype": str(dtype), "copy_GBps": bw / 1e9, "rows": []}
     print(f"{result['device']}: copy {bw / 1e9:.0f} GB/s; {variant.canonical()}; {tokens} tokens, H={heads}, D={d}")
+    result["fla_guard_lifted"] = lift_fla_hopper_guard() if variant.learned_decay else False
+    # fla computes this variant's math (else it is a yardstick; with decay=none it still gets g_gamma)
+    fla_same_math = variant.causal and variant.decay != "none" and variant.lrpe == "none" \
+        and variant.phi_expr == "x" and not variant.epilogue
+    out = Path(out_dir) if out_dir else None
     slopes = torch.tensor(tnl_slopes(heads), device="cuda")
     theta = _theta(variant, heads)
     for n in seqlens:
@@ -134,7 +210,8 @@ def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384,
         dims = d if variant.decay == "vector" else None
         log_decays = random_log_decays(b, n, heads, torch.Generator().manual_seed(0), dims=dims).cuda() \
             .requires_grad_() if variant.decay in ("scalar", "vector") else None
-        for name, (fn, head_first) in contenders(attn, slopes, theta, log_decays).items():
+        fns = contenders(attn, slopes, theta, log_decays)
+        for name, (fn, head_first) in fns.items():
             if only and name not in only:
                 continue
             if name == "sdpa" and n > 16384:
@@ -149,14 +226,21 @@ def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384,
                                                grad_of=[q, k, v] + ([log_decays] if log_decays is not None else []))
             except Exception as err:  # noqa: BLE001
                 row[name]["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            if name == "fla" and fla_same_math and "fwdbwd_ms" in row[name]:
+                try:  # the same inputs as timed: is fla's time one of right results?
+                    errors = agreement(fns["lightgen"][0], fn, (q, k, v), do, log_decays)
+                    row[name].update(vs_lightgen=errors, wrong=not _worst(errors) <= AGREE)
+                except Exception as err:  # noqa: BLE001 - an OOM here leaves the timings standing
+                    row[name]["vs_lightgen_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+                torch.cuda.empty_cache()
             del q, k, v
         result["rows"].append(row)
         _print_row(row)
+        if out:
+            write_json(result, out / "bench.json")
         torch.cuda.empty_cache()
-    if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(result, indent=1))
+    if out:
+        write_json(result, out / "bench.json")
         plot(result, out / "bench.png")
     return result
 
@@ -254,9 +338,7 @@ def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only
             print(f"    BV={r['BV']:3d} num_warps={r['num_warps']}  {r['ms'] * 1e3:8.1f} us  "
                   f"{r['ms'] / result['floor_ms']:.2f}x floor")
     if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "decode.json").write_text(json.dumps(result, indent=1))
+        write_json(result, Path(out_dir) / "decode.json")
     return result
 
 
@@ -291,8 +373,21 @@ def _print_row(row):
                f"{r['fwdbwd_ms'] / row['floor_fwdbwd_ms']:.2f}x floor"
         if name != "lightgen" and "fwdbwd_ms" in ours:
             cell += f"; ours {r['fwd_ms'] / ours['fwd_ms']:.2f}x/{r['fwdbwd_ms'] / ours['fwdbwd_ms']:.2f}x faster"
+        cell += _agreement_note(r)
         cells.append(cell + ")")
     print(" | ".join(cells), flush=True)
+
+
+def _agreement_note(r) -> str:
+    """The cell's words on a peer's agreement check (empty where none ran)."""
+    if "vs_lightgen_error" in r:
+        return f"; not checked against lightgen: {r['vs_lightgen_error'][:60]}"
+    if "vs_lightgen" not in r:
+        return ""
+    worst = _worst(r["vs_lightgen"])
+    if r["wrong"]:
+        return f"; !! fla results differ from lightgen's (max rel err {worst:.2g}): its time is of wrong results"
+    return f"; agrees with lightgen (max rel err {worst:.1e})"
 
 
 def plot(result, path):

@@ -108,3 +108,89 @@ def test_bad_arguments_name_the_option(tool, argv, option, capsys):
     with pytest.raises(SystemExit) as exc:
         tool.main(argv)
     assert option in str(exc.value) + capsys.readouterr().err
+
+
+# lightgen/bench.py: the pieces that run without a GPU
+
+
+def test_bench_json_is_written_atomically(tmp_path):
+    from lightgen.bench import write_json
+
+    path = tmp_path / "out" / "bench.json"
+    write_json({"rows": [1]}, path)
+    write_json({"rows": [1, 2]}, path)
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # no temp file left
+
+
+def _fake_fla(monkeypatch, flag):
+    """Insert fla, fla.ops, fla.ops.common and fla.ops.common.chunk_o (TRITON_ABOVE_3_7_1 = flag)."""
+    import sys
+    import types
+
+    names = ["fla", "fla.ops", "fla.ops.common", "fla.ops.common.chunk_o"]
+    modules = [types.ModuleType(name) for name in names]
+    for parent, child in zip(modules, modules[1:]):
+        setattr(parent, child.__name__.rpartition(".")[2], child)
+    modules[-1].TRITON_ABOVE_3_7_1 = flag
+    for name, module in zip(names, modules):
+        monkeypatch.setitem(sys.modules, name, module)
+    return modules[-1]
+
+
+def test_lift_fla_hopper_guard(monkeypatch, capsys):
+    import sys
+
+    from lightgen.bench import lift_fla_hopper_guard
+
+    chunk_o = _fake_fla(monkeypatch, False)
+    assert lift_fla_hopper_guard() is True and chunk_o.TRITON_ABOVE_3_7_1 is True
+    assert "lifted fla-core's Hopper guard" in capsys.readouterr().out
+    assert lift_fla_hopper_guard() is False and chunk_o.TRITON_ABOVE_3_7_1 is True  # nothing left to lift
+    assert capsys.readouterr().out == ""
+    monkeypatch.setitem(sys.modules, "fla", None)  # fla-core not installed: import fails
+    assert lift_fla_hopper_guard() is False
+
+
+def test_fla_agreement_check_can_fail():
+    from lightgen.bench import AGREE, _worst, agreement
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 3, 4, generator=gen).requires_grad_() for _ in range(3))
+    do = torch.randn(2, 5, 3, 4, generator=gen)
+    g = (-torch.rand(2, 5, 3, generator=gen)).requires_grad_()
+
+    def ours(q, k, v):  # causal decayed attention, small enough to write out
+        scores = torch.einsum("bthd,bshd->bhts", q, k)
+        cum = g.cumsum(1).transpose(1, 2)  # [B, H, N]
+        decay = (cum[..., :, None] - cum[..., None, :]).tril().exp().tril()
+        return torch.einsum("bhts,bshd->bthd", scores * decay, v)
+
+    def same(q, k, v):
+        return ours(q.clone(), k, v)
+
+    def perturbed(q, k, v):
+        return ours(q, k * 1.2, v)
+
+    agree = agreement(ours, same, (q, k, v), do, g)
+    assert set(agree) == {"o", "dq", "dk", "dv", "dg"} and _worst(agree) < 1e-6
+    differ = agreement(ours, perturbed, (q, k, v), do, g)
+    assert differ["o"] > AGREE and differ["dq"] > AGREE and not _worst(differ) <= AGREE
+    assert all(t.grad is None for t in (q, k, v, g))  # the check leaves the timed leaves' .grad alone
+    assert set(agreement(lambda q, k, v: q * k * v, lambda q, k, v: q * k * v, (q, k, v), do)) == \
+        {"o", "dq", "dk", "dv"}
+
+
+def test_bench_row_marks_wrong_fla_results(capsys):
+    from lightgen.bench import _print_row
+
+    row = {"N": 1024, "B": 64, "floor_fwd_ms": 1.0, "floor_fwdbwd_ms": 2.0,
+           "lightgen": {"fwd_ms": 2.0, "fwdbwd_ms": 4.0},
+           "fla": {"fwd_ms": 3.0, "fwdbwd_ms": 6.0, "vs_lightgen": {"o": 1e-3, "dq": 0.4}, "wrong": True}}
+    _print_row(row)
+    marker = "fla results differ from lightgen's (max rel err 0.4): its time is of wrong results"
+    assert marker in capsys.readouterr().out
+    row["fla"].update(vs_lightgen={"o": 1e-3, "dq": 2e-3}, wrong=False)
+    _print_row(row)
+    out = capsys.readouterr().out
+    assert "agrees with lightgen (max rel err 2.0e-03)" in out and "wrong results" not in out
