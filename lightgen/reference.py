@@ -148,15 +148,21 @@ def _feature_log_decays(variant, slopes, g, shape, dtype, device):
     return _log_decays(variant, slopes, g, shape, dtype, device).expand(shape)[..., None]
 
 
-def _vector_decayed_scores(variant, fq, fk, g):
-    """decay=vector: scores[b, h, t, s] = sum_i fq[t, i] exp(G_t,i - G_s,i) fk[s, i] for s <= t, else 0."""
-    n = fq.shape[1]
+def _vector_decayed_scores(variant, fq, fk, g, budget=2**28):
+    """decay=vector: scores[b, h, t, s] = sum_i fq[t, i] exp(G_t,i - G_s,i) fk[s, i] for s <= t, else 0.
+    The weights [B, t, s, H, F] are built for a block of rows t at a time, about `budget` elements each."""
+    b, n, h, f = fq.shape
     big = _feature_log_decays(variant, None, g, fq.shape[:3], torch.float64, fq.device).cumsum(1)  # G [B, N, H, F]
     i = torch.arange(n, device=fq.device)
-    causal = (i[:, None] >= i[None, :])[None, :, :, None, None]
-    # masked before exp: above the diagonal G_t - G_s may be large and positive
-    w = torch.where(causal, big[:, :, None] - big[:, None], -torch.inf).exp().to(fq.dtype)  # [B, t, s, H, F]
-    return torch.einsum("bthf,bshf,btshf->bhts", fq, fk, w)
+    rows = max(1, budget // max(1, b * n * h * f))
+    blocks = []
+    for t0 in range(0, n, rows):
+        t = slice(t0, t0 + rows)
+        causal = (i[t, None] >= i[None, :])[None, :, :, None, None]
+        # masked before exp: above the diagonal G_t - G_s may be large and positive
+        w = torch.where(causal, big[:, t, None] - big[:, None], -torch.inf).exp().to(fq.dtype)  # [B, t, s, H, F]
+        blocks.append(torch.einsum("bthf,bshf,btshf->bhts", fq[:, t], fk, w))
+    return torch.cat(blocks, 2) if blocks else fq.new_zeros(b, h, 0, n)
 
 
 def quadratic(variant, q, k, v, slopes=None, theta=None, initial_state=None, offset=0, output_final_state=False,
