@@ -68,8 +68,22 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         return [f"{x}_{p}" for p in feats["parts"]]
 
     def features(x):
-        args = f"{x}, t, th" if lrpe else x
+        args = f"{x}, cos_t, sin_t" if lrpe else x
         return f"{', '.join(parts(x))} = _features({args})"
+
+    def rotation(reverse):
+        """LRPE: each row's position t and cos_t, sin_t = cos(t th), sin(t th), by angle addition from the
+        chunk's first row (rows run forward, or backward in a reverse walk) and the prologue's rot_c, rot_s =
+        cos(r th), sin(r th): sin and cos of one row per chunk, not of [C, cols], whose large arguments
+        take the slow path of range reduction."""
+        if not lrpe:
+            return []
+        first, (plus, minus) = ("N - 1 - t0", ("-", "+")) if reverse else ("t0", ("+", "-"))
+        return ["t = (rows + pos0).to(tl.float32)[:, None]  # LRPE angle: absolute position",
+                f"t_first = ({first} + pos0).to(tl.float32)  # the chunk's first row's; rows {'descend' if reverse else 'ascend'} from it",
+                "cos_first, sin_first = tl.cos(t_first * th), tl.sin(t_first * th)",
+                f"cos_t = cos_first * rot_c {minus} sin_first * rot_s",
+                f"sin_t = sin_first * rot_c {plus} cos_first * rot_s"]
 
     def scaled(x):
         return f"{', '.join(parts(x))} = {', '.join(p + ' * scale' for p in parts(x))}"
@@ -81,7 +95,7 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
     def chain(x, source, factor):
         grads = ", ".join(f"{factor}out_{p}" for p in parts(source))
         if lrpe:
-            return [f"d{x}, dth = _features_grad({x}, t, th, {grads})",
+            return [f"d{x}, dth = _features_grad({x}, t, cos_t, sin_t, {grads})",
                     "dth_acc += tl.sum(tl.where(mask[:, None], dth, 0.0), axis=0)"]
         return [f"d{x} = _features_grad({x}, {grads})"]
 
@@ -136,7 +150,7 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         epilogue=variant.epilogue, gate=gate_code(variant) if variant.gate != "none" else None,
         output_epilogue=output_epilogue,
         state_rows="2 * DK" if lrpe else "DK", state_ptrs=state_ptrs,
-        parts=parts, features=features, scaled=scaled, masked=masked, chain=chain, store=store,
+        parts=parts, features=features, rotation=rotation, scaled=scaled, masked=masked, chain=chain, store=store,
         zip_parts=lambda a, b: list(zip(parts(a), parts(b))),
         decay_weight=lambda ld, dist: decay_code(variant, ld, dist),
     )

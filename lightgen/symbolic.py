@@ -215,18 +215,23 @@ def features_code(variant) -> dict:
     phi = feature_map(variant.phi)
     t, th = sympy.symbols("t th", real=True)
     if variant.lrpe == "d":
-        # LRPE-d (TransNormerLLM): x -> [phi(x) cos(t th), phi(x) sin(t th)], t the absolute position
+        # LRPE-d (TransNormerLLM): x -> [phi(x) cos(t th), phi(x) sin(t th)], t the absolute position.
+        # The kernels hand in cos(t th) and sin(t th) (shared by q and k, from angle addition per chunk)
+        cos_t, sin_t = sympy.symbols("cos_t sin_t", real=True)
+        rotation = {sympy.cos(t * th): cos_t, sympy.sin(t * th): sin_t}
         parts = {"fc": phi * sympy.cos(t * th), "fs": phi * sympy.sin(t * th)}
-        inputs, wrt = ["x", "t", "th"], {"dx": x, "dth": th}
+        inputs, bwd_inputs, wrt = ["x", "cos_t", "sin_t"], ["x", "t", "cos_t", "sin_t"], {"dx": x, "dth": th}
     else:
+        rotation = {}
         parts = {"f": phi}
-        inputs, wrt = ["x"], {"dx": x}
+        inputs, bwd_inputs, wrt = ["x"], ["x"], {"dx": x}
     grads = {name: sympy.Symbol("g" + name) for name in parts}
-    vjp = [sum(grads[p] * sympy.diff(expr, var) for p, expr in parts.items()) for var in wrt.values()]
+    vjp = [sum(grads[p] * sympy.diff(expr, var) for p, expr in parts.items()).subs(rotation) for var in wrt.values()]
+    fwd = [expr.subs(rotation) for expr in parts.values()]
     return {
         "parts": list(parts),
-        "fwd_args": inputs, "fwd_lines": _body(list(parts.values()), list(parts)), "fwd_returns": list(parts),
-        "bwd_args": inputs + [str(g) for g in grads.values()],
+        "fwd_args": inputs, "fwd_lines": _body(fwd, list(parts)), "fwd_returns": list(parts),
+        "bwd_args": bwd_inputs + [str(g) for g in grads.values()],
         "bwd_lines": _body(vjp, list(wrt)), "bwd_returns": list(wrt),
         "phi_text": str(phi), "dphi_text": str(sympy.diff(phi, x)),
     }
