@@ -80,8 +80,8 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
             return []
         first, (plus, minus) = ("N - 1 - t0", ("-", "+")) if reverse else ("t0", ("+", "-"))
         return ["t = (rows + pos0).to(tl.float32)[:, None]  # LRPE angle: absolute position",
-                f"t_first = ({first} + pos0).to(tl.float32)  # the chunk's first row's; rows {'descend' if reverse else 'ascend'} from it",
-                "cos_first, sin_first = tl.cos(t_first * th), tl.sin(t_first * th)",
+                f"t_chunk = ({first} + pos0).to(tl.float32)  # the chunk's first row's; rows {'descend' if reverse else 'ascend'} from it",
+                "cos_first, sin_first = tl.cos(t_chunk * th), tl.sin(t_chunk * th)",
                 f"cos_t = cos_first * rot_c {minus} sin_first * rot_s",
                 f"sin_t = sin_first * rot_c {plus} cos_first * rot_s"]
 
