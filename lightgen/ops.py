@@ -83,7 +83,7 @@ class LinearAttention:
         u = _check_gate_input(variant, u, v, "B, N, H")
         batch, heads = q.shape[0], q.shape[2]
         if cu_seqlens is not None:
-                batch = _check_cu_seqlens(cu_seqlens, q)  # states are per sequence
+            batch = _check_cu_seqlens(cu_seqlens, q)  # states are per sequence
         log2_decay, theta = self._decay_and_theta(slopes, g, theta, q.shape[:3], "B, N, H", q.device)
         if (initial_state is not None or output_final_state) and not variant.causal:
             raise ValueError("initial_state, output_final_state: states exist only for causal variants")
