@@ -38,8 +38,6 @@ def heuristic(variant, kernel: str, interpreted: bool) -> dict:
     # Triton 3.6 on H100 miscompiles some chunk-64 kernels whose output tile is narrower than 64
     # (wrong results or illegal accesses, e.g. C=64, BV=32, 4 warps): narrow tiles get 32-token chunks.
     chunk = 64 if min(bk, bv) >= 64 else 32
-    if variant.decay == "vector":  # its intra-chunk products are [C, C, F] elementwise, not dots: keep C small
-        chunk = 16
     return {"C": chunk, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 2}
 
 
