@@ -21,7 +21,8 @@ relative errors against lightgen's (row["fla"]["vs_lightgen"]); above AGREE, the
 one of wrong results (row["fla"]["wrong"]). lightgen's own correctness is tested elsewhere (verify.py).
 
 decode(): one decode step for B sequences (`lightgen bench SPEC --decode`): lightgen's step kernel
-against fla-core's fused_recurrent_simple_gla with one token (g_gamma, or g for decay=scalar), and the floor of reading and writing
+against fla-core's fused_recurrent_simple_gla with one token (g_gamma, or g for decay=scalar; fused_recurrent_gla with
+gk for decay=vector), and the floor of reading and writing
 the fp32 state once (plus q, k, v, o).
 """
 from __future__ import annotations
@@ -270,8 +271,9 @@ def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only
     v = torch.randn(batch, heads, variant.dv, device="cuda", generator=g).to(dtype)
     state = attn.new_state(batch, heads, "cuda").normal_(generator=g).mul_(0.1)
     slopes = torch.tensor(tnl_slopes(heads), device="cuda") if variant.decay != "none" else None
-    g = random_log_decays(batch, 1, heads, torch.Generator().manual_seed(0))[:, 0].cuda() \
-        if variant.decay == "scalar" else None  # the token's log decays [B, H]
+    g = random_log_decays(batch, 1, heads, torch.Generator().manual_seed(0),
+                          dims=variant.dk if variant.decay == "vector" else None)[:, 0].cuda() \
+        if variant.learned_decay else None  # the token's log decays [B, H] (vector: [B, H, dk])
     ours_decay, fla_decay = _decays(variant, slopes, g)
     theta = _theta(variant, heads)
     nbytes = torch.finfo(dtype).bits // 8
@@ -290,8 +292,8 @@ def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only
         print("note: fla's fused_recurrent_simple_gla needs a decay; skipped")
     else:
         try:
-            from fla.ops.simple_gla import fused_recurrent_simple_gla
-            contenders["fla"] = _fla_step(fused_recurrent_simple_gla, q, k, v, fla_decay, variant.scale, variant.dk)
+            fla_recurrent = _fla_recurrent(variant)
+            contenders["fla"] = _fla_step(fla_recurrent, q, k, v, fla_decay, variant.scale, variant.dk)
             if variant.lrpe == "d" or variant.phi_expr != "x":
                 print("note: fla computes identity phi without LRPE (a state of F = dk rows): a yardstick here, "
                       "not the same math")
@@ -318,7 +320,7 @@ def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only
         with torch.no_grad():  # the same math: one step from the same state must agree
             start = state.clone()
             ours_o = attn.step(q, k, v, start.clone(), **ours_decay)
-            fla_o = _fla_step(fused_recurrent_simple_gla, q, k, v, fla_decay, variant.scale, variant.dk, start)()
+            fla_o = _fla_step(fla_recurrent, q, k, v, fla_decay, variant.scale, variant.dk, start)()
         result["fla_rel_diff"] = rel_err(ours_o, fla_o)
         print(f"  lightgen vs fla output, one step from the same state: relative difference {result['fla_rel_diff']:.1e}")
     if sweep:
@@ -342,17 +344,27 @@ def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only
     return result
 
 
-def _fla_step(fused_recurrent_simple_gla, q, k, v, decay, scale, dk, initial_state=None):
-    """fla-core's recurrent kernel on one token ([B, 1, H, D]) from a fresh fp32 state [B, H, dk, dv];
-    decay: {"g_gamma": [H]} or {"g": [B, H]} (one token's log decays)."""
+def _fla_recurrent(variant):
+    """fla-core's recurrent kernel for the variant's decay, as f(q, k, v, g_gamma= / g=, ...): fused_recurrent_gla
+    (its per-key-dim decay is called gk) for decay=vector, else fused_recurrent_simple_gla."""
+    if variant.decay == "vector":
+        from fla.ops.gla import fused_recurrent_gla
+        return lambda q, k, v, g, **kw: fused_recurrent_gla(q, k, v, gk=g, **kw)
+    from fla.ops.simple_gla import fused_recurrent_simple_gla
+    return fused_recurrent_simple_gla
+
+
+def _fla_step(fla_recurrent, q, k, v, decay, scale, dk, initial_state=None):
+    """fla-core's recurrent kernel (_fla_recurrent) on one token ([B, 1, H, D]) from a fresh fp32 state
+    [B, H, dk, dv]; decay: {"g_gamma": [H]} or {"g": [B, H] or [B, H, dk]} (one token's log decays)."""
     q, k, v = (t[:, None] for t in (q, k, v))
     decay = {name: t[:, None] if name == "g" else t for name, t in decay.items()}
     if initial_state is None:
         initial_state = torch.zeros(q.shape[0], q.shape[2], dk, v.shape[-1], device=q.device, dtype=torch.float32)
 
     def step():
-        return fused_recurrent_simple_gla(q, k, v, **decay, scale=scale, initial_state=initial_state,
-                                          output_final_state=True)[0][:, 0]
+        return fla_recurrent(q, k, v, **decay, scale=scale, initial_state=initial_state,
+                             output_final_state=True)[0][:, 0]
     return step
 
 

@@ -152,6 +152,33 @@ def test_lift_fla_hopper_guard(monkeypatch, capsys):
     assert lift_fla_hopper_guard() is False
 
 
+def test_fla_decode_peer_per_decay(monkeypatch):
+    """The decode bench's fla kernel: fused_recurrent_gla with gk for decay=vector (one token's g [B, 1, H, dk]),
+    else fused_recurrent_simple_gla with g / g_gamma as given."""
+    import sys
+    import types
+
+    from lightgen import Variant
+    from lightgen.bench import _fla_recurrent, _fla_step
+
+    calls = []
+    gla, simple = types.ModuleType("fla.ops.gla"), types.ModuleType("fla.ops.simple_gla")
+    gla.fused_recurrent_gla = lambda q, k, v, **kw: calls.append(("gla", kw)) or (v, None)
+    simple.fused_recurrent_simple_gla = lambda q, k, v, **kw: calls.append(("simple", kw)) or (v, None)
+    monkeypatch.setitem(sys.modules, "fla.ops.gla", gla)
+    monkeypatch.setitem(sys.modules, "fla.ops.simple_gla", simple)
+    q, k, v = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 8)
+    g = -torch.rand(2, 3, 4)
+    out = _fla_step(_fla_recurrent(Variant.parse("decay=vector,causal,dk=16,dv=16")), q, k, v, {"g": g}, 0.5, 4)()
+    kind, kw = calls.pop()
+    assert kind == "gla" and kw["gk"].shape == (2, 1, 3, 4) and "g" not in kw and torch.equal(out, v)
+    assert kw["initial_state"].shape == (2, 3, 4, 8) and kw["scale"] == 0.5
+    _fla_step(_fla_recurrent(Variant.parse("decay=constant,causal,dk=16,dv=16")), q, k, v,
+              {"g_gamma": torch.ones(3)}, 0.5, 4)()
+    kind, kw = calls.pop()
+    assert kind == "simple" and kw["g_gamma"].shape == (3,)
+
+
 def test_fla_agreement_check_can_fail():
     from lightgen.bench import AGREE, _worst, agreement
 
