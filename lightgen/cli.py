@@ -247,8 +247,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--tokens", type=int, default=65536)
     r.add_argument("--hidden", type=int, default=2048, help="H*D (default 2048)")
     r.add_argument("--decode", action="store_true",
-                   help="time one decode step (the step kernel, fla's fused_recurrent_simple_gla, or fused_recurrent_gla for decay=vector) of --batch "
-                        "sequences against the floor of reading and writing the fp32 state once")
+                   help="time one decode step (the step kernel, fla's fused_recurrent_simple_gla, or fused_recurrent_gla "
+                        "for decay=vector) of --batch sequences against the floor of reading and writing the fp32 "
+                        "state once")
     r.add_argument("--batch", type=int, default=64, help="--decode: sequences per step (default 64)")
     r.add_argument("--sweep", action="store_true", help="--decode: also time the step over BV and num_warps")
     r.set_defaults(fn=cmd_bench)
