@@ -12,7 +12,7 @@ decay=scalar (causal): lambda_t = exp(g_t) per token and head, g [B, N, H] (g [B
 W[t, s] = exp(G_t - G_s) with G_t = g_0 + ... + g_t; its gradient comes from autograd like the others'.
 decay=vector (causal, GLA): the same per key dim, g [B, N, H, dk]: S_t = diag(exp(g_t)) S_{t-1} + f(k_t)^T v_t,
 so the weight sits inside the dot, sum_i f(q_t)_i exp(G_t,i - G_s,i) f(k_s)_i; under LRPE (F = 2 dk) dim i
-decays both feature i (cos half) and dk + i (sin half). No decode step (step) for it yet.
+decays both feature i (cos half) and dk + i (sin half); step decays state row i (and dk + i) by exp(g_i).
 Causal forms take an initial state S_{-1} and return the final state S_{N-1} on request; `offset` is
 the LRPE position of the first token.
 """
