@@ -40,6 +40,13 @@ def heuristic(variant, kernel: str, interpreted: bool) -> dict:
     chunk = 64 if min(bk, bv) >= 64 else 32
     if variant.decay == "vector":  # measured on H100 at D = 128, N = 8K: C = 16 5.5 ms forward, 32 8.6, 64 18-21
         chunk = 16
+    if variant.lrpe == "d" and variant.dk <= 128 and variant.dv <= 128 and variant.decay != "vector":
+        # LRPE doubles the state ([2 dk, dv] fp32): short chunks leave registers for it. Measured on H100 (D = 128,
+        # constant decay, silu, N = 4K, bf16, ms): fwd 1.88 at C = 16, BV = 128, 8 warps (2.34 at C = 32);
+        # bwd_dq / bwd_dk 2.45 / 2.47 at C = 16, tile 64, 4 warps (bwd_dq 3.3 at C = 32, 8 warps); bwd_dv 1.78
+        if kernel in ("fwd", "bwd_dkv", "bwd_dv"):
+            return {"C": 16, "BK": bk, "BV": variant.dv, "num_warps": 8, "num_stages": 2}
+        return {"C": 16, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 2}
     if kernel in ("fwd", "bwd_dkv", "bwd_dv") and variant.dk <= 128 and variant.dv == 128 and variant.decay != "vector":
         # the one config that tuning picked for these kernels in every D = 128 variant tuned on H100 (constant
         # decay, none, scalar, constant with LRPE + silu: tuned_configs/sm90.json): the whole row per program
@@ -102,7 +109,8 @@ def kernels(variant) -> tuple:
 
 def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> str:
     """"fused" or "split" ("split" always under decay=vector): forced by `backward(...)`, else the faster by tuned times when every
-    kernel of both paths has a tuned entry, else the heuristic (fused while one dv tile covers dv)."""
+    kernel of both paths has a tuned entry, else the heuristic (on a GPU, split under LRPE; else fused while one dv
+    tile covers dv)."""
     if variant.decay == "vector":
         return "split"  # its only path: bwd_dkv's dual product has no per-feature weight (not rendered)
     forced = _forced["backward"]
@@ -116,6 +124,8 @@ def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> 
                 times[path] = sum(e["ms"] for e in entries.values())
         if len(times) == len(BACKWARDS):
             return min(times, key=times.get)
+    if variant.lrpe == "d" and device.type == "cuda":
+        return "split"  # LRPE's fused sweep holds two [2 dk, tile] states: 4.8 ms against 2.5 + 1.8 split (H100, D = 128)
     tile = heuristic(variant, "bwd_dkv", interpreted=device.type != "cuda")["BV"]
     return "fused" if tile >= variant.dv else "split"
 

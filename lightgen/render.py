@@ -71,19 +71,31 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         args = f"{x}, cos_t, sin_t" if lrpe else x
         return f"{', '.join(parts(x))} = _features({args})"
 
-    def rotation(reverse):
-        """LRPE: each row's position t and cos_t, sin_t = cos(t th), sin(t th), by angle addition from the
-        chunk's first row (rows run forward, or backward in a reverse walk) and the prologue's rot_c, rot_s =
-        cos(r th), sin(r th): sin and cos of one row per chunk, not of [C, cols], whose large arguments
-        take the slow path of range reduction."""
+    def rotation_start(reverse):
+        """LRPE, before a walk's loop: cos and sin of the angle of its first chunk's first row (the
+        walk runs forward, or backward over the rows in a reverse walk)."""
         if not lrpe:
             return []
-        first, (plus, minus) = ("N - 1 - t0", ("-", "+")) if reverse else ("t0", ("+", "-"))
+        first = "N - 1 - t_first" if reverse else "t_first"
+        return [f"t_chunk = ({first} + pos0).to(tl.float32)  # the first chunk's first row (padded rows included)",
+                "cos_first, sin_first = tl.cos(t_chunk * th), tl.sin(t_chunk * th)"]
+
+    def rotation(reverse):
+        """LRPE, in the loop: each row's position t and cos_t, sin_t = cos(t th), sin(t th), by angle addition
+        from the chunk's first row and the prologue's rot_c, rot_s = cos(r th), sin(r th). The first row's
+        angle then moves C rows on by one more angle addition (the prologue's step_c, step_s = cos(C th),
+        sin(C th)): no sin or cos in the loop. Each sin and cos of a large argument takes tens of instructions
+        of range reduction, and in the loop they were most of a chunk's elementwise work. The rotated pair is
+        renormalized to length 1 (one Newton step), so rounding does not grow its magnitude over the chunks."""
+        if not lrpe:
+            return []
+        plus, minus = ("-", "+") if reverse else ("+", "-")
         return ["t = (rows + pos0).to(tl.float32)[:, None]  # LRPE angle: absolute position",
-                f"t_chunk = ({first} + pos0).to(tl.float32)  # the chunk's first row's; rows {'descend' if reverse else 'ascend'} from it",
-                "cos_first, sin_first = tl.cos(t_chunk * th), tl.sin(t_chunk * th)",
                 f"cos_t = cos_first * rot_c {minus} sin_first * rot_s",
-                f"sin_t = sin_first * rot_c {plus} cos_first * rot_s"]
+                f"sin_t = sin_first * rot_c {plus} cos_first * rot_s",
+                f"cos_first, sin_first = cos_first * step_c {minus} sin_first * step_s, sin_first * step_c {plus} cos_first * step_s",
+                "unit = 1.5 - 0.5 * (cos_first * cos_first + sin_first * sin_first)",
+                "cos_first, sin_first = cos_first * unit, sin_first * unit"]
 
     def scaled(x):
         return f"{', '.join(parts(x))} = {', '.join(p + ' * scale' for p in parts(x))}"
@@ -150,7 +162,7 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         epilogue=variant.epilogue, gate=gate_code(variant) if variant.gate != "none" else None,
         output_epilogue=output_epilogue,
         state_rows="2 * DK" if lrpe else "DK", state_ptrs=state_ptrs,
-        parts=parts, features=features, rotation=rotation, scaled=scaled, masked=masked, chain=chain, store=store,
+        parts=parts, features=features, rotation=rotation, rotation_start=rotation_start, scaled=scaled, masked=masked, chain=chain, store=store,
         zip_parts=lambda a, b: list(zip(parts(a), parts(b))),
         decay_weight=lambda ld, dist: decay_code(variant, ld, dist),
     )
