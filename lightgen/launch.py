@@ -225,16 +225,20 @@ def segments(variant, shape, dtype, device) -> int:
     64 pairs of 16K run fwd+bwd in 2.39 ms as 4 pieces (3.31 unsplit, 2.49 as 8), 16 pairs of 64K in
     2.41 ms as 16 (2.51 as 32, 12.4 unsplit). The pieces' state passes read k and v (q and dO backward)
     once more, so: split only with at most half as many pairs as SMs, into pieces until as many
-    (pair, piece)s as SMs, none under 1024 tokens. (Pairs, not programs: the count must not depend on
-    tuned tiles, so that torch.compile can trace it.)"""
+    (pair, piece)s as SMs, none under 1024 tokens. Learned decays (scalar, vector) go on to twice as many:
+    their backward kernels tile the head dim (more programs, each lighter). decay=scalar, fwd+bwd in ms at
+    (pair, piece)s 256 / 512 / 1024: 3.93 / 3.74 / 3.75 at 16K, 3.95 / 3.74 / 3.79 at 32K (constant: 2.40 / 2.51 /
+    2.67 at 16K). (Pairs, not programs: the count must not depend on tuned tiles, so that torch.compile can
+    trace it.)"""
     if device.type != "cuda":
         return 1
     b, n, h, _ = shape
     pairs, sms = b * h, _sm_count(device)
     if 2 * pairs > sms:
         return 1
+    target = 2 * sms if variant.learned_decay else sms
     pieces = 1
-    while pairs * pieces < sms and n % (2 * pieces) == 0 and n // (2 * pieces) >= 1024:
+    while pairs * pieces < target and n % (2 * pieces) == 0 and n // (2 * pieces) >= 1024:
         pieces *= 2
     return pieces
 

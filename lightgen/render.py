@@ -77,8 +77,7 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         if not lrpe:
             return []
         first = "N - 1 - t_first" if reverse else "t_first"
-        return [f"t_chunk = ({first} + pos0).to(tl.float32)  # the first chunk's first row (padded rows included)",
-                "cos_first, sin_first = tl.cos(t_chunk * th), tl.sin(t_chunk * th)"]
+        return [f"cos_first, sin_first = _cos_sin({first} + pos0, th)  # the first chunk's first row (padded rows included)"]
 
     def rotation(reverse):
         """LRPE, in the loop: each row's position t and cos_t, sin_t = cos(t th), sin(t th), by angle addition

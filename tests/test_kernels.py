@@ -69,7 +69,7 @@ def test_sequence_splitting(spec, segments, states, monkeypatch):
 
 def test_splitting_rule(monkeypatch):
     """Split only with at most half as many (batch, head) pairs as SMs, into pieces until as many
-    (pair, piece)s as SMs (none under 1024 tokens); CPU tensors never split."""
+    (pair, piece)s as SMs (twice as many under a learned decay; none under 1024 tokens); CPU tensors never split."""
     from lightgen import launch
 
     monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
@@ -83,7 +83,8 @@ def test_splitting_rule(monkeypatch):
     assert pieces(1, 65536) == 16  # 16 pairs -> 256, pieces of 4096
     assert pieces(1, 3000) == 2  # 1500-token pieces; 750 would be too short
     assert pieces(1, 1001) == 1  # odd
-    assert pieces(1, 65536, "decay=vector,causal,dk=128,dv=128") == 16
+    assert pieces(1, 65536, "decay=vector,causal,dk=128,dv=128") == 32  # learned decays: 2x the SMs -> 512
+    assert pieces(4, 16384, "decay=scalar,causal,dk=128,dv=128") == 8
     assert pieces(1, 65536, device=torch.device("cpu")) == 1
 
 

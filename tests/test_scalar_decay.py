@@ -87,46 +87,51 @@ def test_torch_compile_fullgraph_and_opcheck():
         torch.library.opcheck(op, (q, k, v, log2_decay, None, h0, 0, True, segments))
 
 
-def _chunked_recurrence(variant, q, k, v, slopes, g):
+def _chunked_recurrence(variant, q, k, v, slopes, g, theta=None):
     """The float64 recurrence (S_t = lambda_t S_{t-1} + f(k_t)^T v_t), a piece at a time through
     lightgen.reference.quadratic with states: o [B, N, H, dv] and the final state, on q's device.
-    (decay=vector's reference weights are [piece, piece, H, dk]: shorter pieces.)"""
+    (decay=vector's reference weights are [piece, piece, H, dk]: shorter pieces. LRPE: each piece from its
+    own position, the angles t * theta exact in float64.)"""
     b, n, h, _ = q.shape
     piece = 256 if variant.decay == "vector" else 4096
-    state = torch.zeros(b, h, variant.dk, variant.dv, dtype=torch.float64, device=q.device)
+    rows = 2 * variant.dk if variant.lrpe == "d" else variant.dk
+    state = torch.zeros(b, h, rows, variant.dv, dtype=torch.float64, device=q.device)
     out = []
     for start in range(0, n, piece):
         part = slice(start, start + piece)
         o, state = reference.quadratic(variant, q[:, part].double(), k[:, part].double(), v[:, part].double(),
-                                       None if slopes is None else slopes.double(), initial_state=state,
-                                       output_final_state=True, g=None if g is None else g[:, part].double())
+                                       None if slopes is None else slopes.double(),
+                                       theta=None if theta is None else theta.double(), offset=start,
+                                       initial_state=state, output_final_state=True,
+                                       g=None if g is None else g[:, part].double())
         out.append(o)
     return torch.cat(out, dim=1), state
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="a million tokens need a GPU")
-@pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
+@pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector", "constant,lrpe=d"])
 def test_a_million_tokens_in_bf16(decay):
     """One sequence of 2^20 tokens (few heads: the sequence is also split into pieces): o, the final state
     and every gradient stay finite, and o on sampled positions and the final state match a float64
-    recurrence (lightgen.reference, in pieces, on the GPU)."""
+    recurrence (lightgen.reference, in pieces, on the GPU). With LRPE the angles reach 5e5 rad."""
     n, h = 2**20, 2
     attn = lightgen.compile(f"decay={decay},causal,phi=identity,dk=64,dv=64")
     gen = torch.Generator(device=DEVICE).manual_seed(0)
+    theta = torch.rand(h, 64, device=DEVICE, generator=gen) * 0.5 if attn.variant.lrpe == "d" else None
     q, k = (torch.randn(1, n, h, 64, device=DEVICE, generator=gen).mul(64 ** -0.25).bfloat16() for _ in range(2))
     v, do = (torch.randn(1, n, h, 64, device=DEVICE, generator=gen).bfloat16() for _ in range(2))
-    slopes = torch.tensor(lightgen.tnl_slopes(h), device=DEVICE) if decay == "constant" else None
+    slopes = torch.tensor(lightgen.tnl_slopes(h), device=DEVICE) if attn.variant.decay == "constant" else None
     dims = {"scalar": None, "vector": 64}.get(decay, False)  # g per token and head (and key dim)
     g = verify.random_log_decays(1, n, h, torch.Generator().manual_seed(0), dims=dims).to(DEVICE) \
         if dims is not False else None  # G_N is about -5e4
     leaves = [t.requires_grad_() for t in (q, k, v, *([g] if g is not None else []))]
-    o, final = attn(q, k, v, slopes=slopes, g=g, output_final_state=True)
+    o, final = attn(q, k, v, slopes=slopes, theta=theta, g=g, output_final_state=True)
     grads = torch.autograd.grad((o, final), leaves, (do, torch.ones_like(final)))
     for name, t in zip(["o", "final state", "dq", "dk", "dv", "dg"], [o, final, *grads]):
         assert torch.isfinite(t).all(), f"{name} is not finite"
     with torch.no_grad():
-        ref, ref_final = _chunked_recurrence(attn.variant, q, k, v, slopes, g)
+        ref, ref_final = _chunked_recurrence(attn.variant, q, k, v, slopes, g, theta)
     sampled = torch.cat([torch.randint(0, n, (512,), device=DEVICE, generator=gen), torch.arange(n - 64, n, device=DEVICE)])
     tol = TOLERANCE[torch.bfloat16]
     errors = {"o (sampled)": rel_err(o[:, sampled], ref[:, sampled]), "final state": rel_err(final, ref_final)}

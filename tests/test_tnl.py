@@ -449,12 +449,15 @@ def test_hf_wrappers(tmp_path):
 
 def test_fused_epilogue_matches_the_pytorch_path():
     """output_norm="head": norm and gate inside the kernel give the loss and gradients of the PyTorch
-    epilogue (fp32 under the interpreter), for every gate activation."""
+    epilogue (fp32 under the interpreter), for every gate activation. With eps = 1e-2: at the default
+    1e-6 a row of o near zero (rms 3e-4 here) makes the norm ill-conditioned, and a 1e-7 difference in
+    a layer's input (the two paths round differently) grows to 1e-5 in its output; each kernel's own
+    accuracy against float64 is test_epilogue's."""
     for act in ("identity", "silu"):
-        model = make_model(output_norm="head", gate_act=act).train()
+        model = make_model(output_norm="head", gate_act=act, norm_eps=1e-2).train()
         mixer = model.layers[0].token_mixer
         assert mixer.fused.variant == lightgen.Variant.parse(
-            f"decay=constant,causal,lrpe=d,phi=silu,dk=32,dv=32,scale=1,norm=srms,eps=1e-06,gate={act}")
+            f"decay=constant,causal,lrpe=d,phi=silu,dk=32,dv=32,scale=1,norm=srms,eps=0.01,gate={act}")
         unfused = copy.deepcopy(model)
         for block in unfused.layers:
             block.token_mixer.use_fused = False
