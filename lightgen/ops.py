@@ -497,10 +497,12 @@ def _attention_backward(module, variant, q, k, v, do, log2_decay, theta, h0, dht
     dth_k = torch.empty_like(dth_q) if lrpe else None
     dh0 = _state_like(variant, q, cu_seqlens) if h0 is not None else None
     # decay=scalar / vector: the dq and dk kernels each write their part of dL/dG [B, N, H] / [B, N, H, dk]
-    # (G the cumulative log decay); under vector each dk tile writes its own columns, nothing to sum
+    # (G the cumulative log decay); under vector each dk tile writes its own columns, nothing to sum across tiles
     learned, vector = variant.learned_decay, variant.decay == "vector"
     dG_q, dG_k = (torch.empty(b, n, h, *((variant.dk,) if vector else ()), device=q.device, dtype=torch.float32)
                   for _ in range(2)) if learned else (None, None)
+    if vector:  # one buffer: bwd_dk adds its part to bwd_dq's
+        dG_k = dG_q
     gate_q, gate_k = ((dG_q,), (dG_k,)) if vector else ((TileShares(dG_q),), (TileShares(dG_k),)) if learned else ((), ())
     states = dict(HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
     _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, *gate_q, h0, log2_decay, theta), offset,
@@ -516,7 +518,7 @@ def _attention_backward(module, variant, q, k, v, do, log2_decay, theta, h0, dht
         _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log2_decay, theta), offset,
                 segments, cu_seqlens, **states)
     dtheta = (dth_q + dth_k).view(sequences, h, variant.dk).sum(0) if lrpe else None
-    dlog2_decay = _log2_decay_grad(variant, dG_q + dG_k, dht, ht, cu_seqlens) if learned else None
+    dlog2_decay = _log2_decay_grad(variant, dG_q if vector else dG_q + dG_k, dht, ht, cu_seqlens) if learned else None
     return dq, dk, dv, dlog2_decay, dtheta, dh0
 
 
@@ -540,6 +542,12 @@ def _log2_decay_grad(variant, dG, dht, ht, cu_seqlens=None):
         return _packed_log2_decay_grad(variant, dG, dht, ht, cu_seqlens)
     if dht is not None:
         dG[:, -1] += _final_state_term(variant, dht, ht)
+    if variant.decay == "vector" and _use_kernels(dG):  # [B, N, H, dk]: big enough for its own kernel
+        b, n = dG.shape[:2]
+        cols = dG[0, 0].numel()
+        block = 32  # columns per program: at B = 1, H * dk = 2048 makes 64 programs
+        build.load(variant, "pieces").suffix_sums[(b, -(-cols // block))](dG, n, cols, _LN2, ROWS=64, BLOCK=block)
+        return dG
     return dG.flip(1).cumsum(1).flip(1) * _LN2
 
 

@@ -117,9 +117,12 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         sign = "minus " if factor.startswith("-") else ""
         if variant.decay == "vector":  # per key dim: the products, not their sums (LRPE: both halves of dim i)
             prods = " + ".join(f"{p} * out_{s}" for p, s in zip(parts(x), parts(source)))
-            return [f"# this kernel's part of dL/dG (G the cumulative log decay per dim): {sign}f({x}) * df({x})",
-                    f"dG = {factor}({prods})",
-                    "tl.store(dg_ptr + rows[:, None] * H * DK + tile[None, :], dG, mask=mask[:, None])"]
+            lines = [f"# this kernel's part of dL/dG (G the cumulative log decay per dim): {sign}f({x}) * df({x})",
+                     f"dG = {factor}({prods})",
+                     "dg_offs = dg_ptr + rows[:, None] * H * DK + tile[None, :]"]
+            if sign:  # bwd_dk runs after bwd_dq, whose part it finds in DG: the sum, without a pass in torch
+                lines.append("dG += tl.load(dg_offs, mask=mask[:, None], other=0.0)")
+            return lines + ["tl.store(dg_offs, dG, mask=mask[:, None])"]
         dots = " + ".join(f"tl.sum({p} * out_{s}, axis=1)" for p, s in zip(parts(x), parts(source)))
         return [f"# this kernel's part of dL/dG (G the cumulative log decay): {sign}f({x}) . df({x}) per row",
                 f"dG = {factor}({dots})", "tl.store(dg_ptr + rows * H, dG, mask=mask)"]

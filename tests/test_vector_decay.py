@@ -31,12 +31,27 @@ def test_matches_float64(spec, dtype):
 
 def test_fast_decays_and_forgetting(monkeypatch):
     """Rates near 1 and tokens that forget almost everything (g down to -30 per dim): a chunk's decay
-    reaches 2^-1000, so f(k) 2^-cum (the usual factored form) would be inf; the kernels' exact
-    [C, C, F] products stay finite and right."""
+    reaches 2^-1000, so f(k) 2^-cum (the usual factored form) would be inf; such chunks take the exact
+    level dots and stay finite and right."""
     monkeypatch.setattr(verify, "random_log_decays", functools.partial(verify.random_log_decays, fast=True))
     errors = check_variant(lightgen.Variant.parse("decay=vector,causal,lrpe=d,phi=silu,dk=16,dv=16"), b=1, n=77,
                            h=2, dtype=DTYPES[0], device=DEVICE, states=True)
     assert all(e == e for e in errors.values())  # no NaN slipped through a comparison
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_both_forms_of_the_intra_chunk_weights(dtype, monkeypatch):
+    """The kernels weigh pairs within a chunk by a factored dot while the chunk's decay stays within the
+    dot operands' range (2^-10 in fp16, 2^-100 else) and by the exact level dots below it: head 0 decays
+    slowly (g = -0.01, every chunk factored), head 1 fast (g = -20 per token, every chunk by levels)."""
+    def decays(b, n, h, generator, dims=None, **_):
+        g = torch.full((b, n, h, dims), -0.01)
+        g[:, :, 1] = -20.0
+        return g * (0.5 + torch.rand(g.shape, generator=generator))
+
+    monkeypatch.setattr(verify, "random_log_decays", decays)
+    check_variant(lightgen.Variant.parse("decay=vector,causal,phi=silu,dk=16,dv=16"), b=1, n=50, h=2, dtype=dtype,
+                  device=DEVICE, states=True)
 
 
 def test_reference_is_the_recurrence():
