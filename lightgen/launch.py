@@ -48,8 +48,8 @@ def heuristic(variant, kernel: str, interpreted: bool) -> dict:
             return {"C": 16, "BK": bk, "BV": variant.dv, "num_warps": 8, "num_stages": 2}
         return {"C": 16, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 2}
     if kernel in ("fwd", "bwd_dkv", "bwd_dv") and variant.dk <= 128 and variant.dv == 128 and variant.decay != "vector":
-        # the one config that tuning picked for these kernels in every D = 128 variant tuned on H100 (constant
-        # decay, none, scalar, constant with LRPE + silu: tuned_configs/sm90.json): the whole row per program
+        # the one config that tuning picked for these kernels in every D = 128 variant without LRPE tuned on
+        # H100 (constant decay, none, scalar: tuned_configs/sm90.json): the whole row per program
         return {"C": 32, "BK": bk, "BV": 128, "num_warps": 8, "num_stages": 3}
     return {"C": chunk, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 2}
 

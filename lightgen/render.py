@@ -120,7 +120,7 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
             lines = [f"# this kernel's part of dL/dG (G the cumulative log decay per dim): {sign}f({x}) * df({x})",
                      f"dG = {factor}({prods})",
                      "dg_offs = dg_ptr + rows[:, None] * H * DK + tile[None, :]"]
-            if sign:  # bwd_dk runs after bwd_dq, whose part it finds in DG: the sum, without a pass in torch
+            if x == "k":  # bwd_dk runs after bwd_dq, whose part it finds in DG: the sum, without a pass in torch
                 lines.append("dG += tl.load(dg_offs, mask=mask[:, None], other=0.0)")
             return lines + ["tl.store(dg_offs, dG, mask=mask[:, None])"]
         dots = " + ".join(f"tl.sum({p} * out_{s}, axis=1)" for p, s in zip(parts(x), parts(source)))
