@@ -81,10 +81,10 @@ def test_torch_compile_fullgraph_and_opcheck():
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     op = getattr(torch.ops.lightgen, f"attn_{attn.variant.hash}")
-    log2_decay = (g / 0.6931471805599453).requires_grad_()
+    log_decay = g.clone().requires_grad_()
     h0 = torch.randn(1, 2, 16, 16, device=DEVICE)
     for segments in (1, 2):  # 2: the sequence as two pieces (the op returns the states they started from)
-        torch.library.opcheck(op, (q, k, v, log2_decay, None, h0, 0, True, segments))
+        torch.library.opcheck(op, (q, k, v, log_decay, None, h0, 0, True, segments))
 
 
 def _chunked_recurrence(variant, q, k, v, slopes, g, theta=None):
