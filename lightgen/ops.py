@@ -471,26 +471,23 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     pieces = functools.partial(split.as_pieces, segments=segments)
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
-    decays = split.piece_log_decays(variant, log_decay, q.shape, segments, q.device)
-    pieces_module = build.load(variant, "pieces")
+    pieces_module, own, decays = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset, segments)
+    sent = split.scan(pieces_module, own, decays, dht, reverse=True)
     after = None
     if variant.learned_decay:  # the state after each piece, for dg (the sequence's last: ht, needed only with dht)
         last = ht[:, None] if dht is not None else torch.zeros_like(by_piece(received)[:, :1])
         after = torch.cat([by_piece(received)[:, 1:], last], 1).flatten(0, 1)
     dq, dk, dv, dlog_decay, dtheta, dh0 = _attention_backward(
-        module, variant, pieces(q), pieces(k), pieces(v), pieces(do), piece_decay, theta, received, dht, after, offset,
-        segments, receive=lambda own: split.scan(pieces_module, own, decays, dht, reverse=True))
+        module, variant, pieces(q), pieces(k), pieces(v), pieces(do), piece_decay, theta, received, sent, after, offset,
+        segments)
     whole = functools.partial(_whole, b=b, n=n)
     dh0 = by_piece(dh0)[:, 0].clone() if h0 is not None else None  # the first piece received h0
     return whole(dq), whole(dk), whole(dv), whole(dlog_decay), dtheta, dh0, du
 
 
 def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, segments,
-                        cu_seqlens=None, receive=None):
-    """The backward kernels (after the epilogue's): dq, dk, dv, d log_decay, dtheta, dh0.
-    Sequence splitting (q, ... the pieces of the forward, h0 the states they started from, ht the states
-    after them): bwd_dq also writes what each piece's outputs send back to the state before it, and
-    receive(those) gives the gradient of the state after each piece, which dk and dv start from."""
+                        cu_seqlens=None):
+    """The backward kernels (after the epilogue's): dq, dk, dv, d log_decay, dtheta, dh0."""
     b, n, h, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lrpe = variant.lrpe == "d"
@@ -506,14 +503,9 @@ def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht,
     if vector:  # one buffer: bwd_dk adds its part to bwd_dq's
         dG_k = dG_q
     gate_q, gate_k = ((dG_q,), (dG_k,)) if vector else ((TileShares(dG_q),), (TileShares(dG_k),)) if learned else ((), ())
-    sent = _state_like(variant, q) if receive is not None else None
-    splits = {"SENDS": sent is not None} if variant.causal and cu_seqlens is None else {}
-    _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, *gate_q, h0, log_decay, theta,
-                                               *((sent,) if splits else ())), offset,
-            segments, cu_seqlens, HAS_INIT=h0 is not None, **splits)
-    if sent is not None:
-        dht = receive(sent)
     states = dict(HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
+    _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, *gate_q, h0, log_decay, theta), offset,
+            segments, cu_seqlens, HAS_INIT=h0 is not None)
     if launch.backward_path(variant, q.dtype, n, q.device) == "fused":
         _launch(module, variant, "bwd_dkv", q, "BV", (q, k, v, do, TileShares(dk), dv,
                                                       dth_k if dth_k is None else TileShares(dth_k), *gate_k,

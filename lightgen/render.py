@@ -127,17 +127,6 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         return [f"# this kernel's part of dL/dG (G the cumulative log decay): {sign}f({x}) . df({x}) per row",
                 f"dG = {factor}({dots})", "tl.store(dg_ptr + rows * H, dG, mask=mask)"]
 
-    def sends(have_features):
-        """bwd_dq under SENDS: the chunk's share of what the piece's outputs send back to the state before
-        it, scale f(q)^T dO weighted by the decay from the piece's start to each row (run: to the chunk's)."""
-        weight = {"none": "scale", "vector": "scale * a_decay * run[None, :]"}.get(variant.decay,
-                                                                                   "(scale * run) * a_decay[:, None]")
-        lines = ["if SENDS:  # what this chunk's outputs send back to the state before the piece"]
-        lines += [] if have_features else ["    " + features("q")]
-        lines += [f"    sent_{p} += tl.dot(tl.trans(tl.where(mask[:, None], {p} * {weight}, 0.0).to(DOT)), do.to(DOT), "
-                  f"input_precision=PREC)" for p in parts("q")]
-        return lines + (["    run = run * chunk_decay"] if variant.decay != "none" else [])
-
     def store(ptr, row_stride, cols, value, tensor, accumulate):
         lines = [f"offs = {ptr} + rows[:, None] * {row_stride} + {cols}[None, :]"]
         if accumulate:  # second walk of a non-causal kernel adds to the first's result
@@ -171,7 +160,7 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         variant=variant, version=__version__, feats=feats, varlen=varlen,
         decay=variant.decay != "none", constant=variant.decay == "constant", scalar=variant.decay == "scalar",
         vector=variant.decay == "vector",
-        lrpe=lrpe, decay_grad=decay_grad, sends=sends, splits=variant.causal and not varlen,
+        lrpe=lrpe, decay_grad=decay_grad,
         epilogue=variant.epilogue, gate=gate_code(variant) if variant.gate != "none" else None,
         output_epilogue=output_epilogue,
         state_rows="2 * DK" if lrpe else "DK", state_ptrs=state_ptrs,

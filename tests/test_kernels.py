@@ -55,8 +55,7 @@ def test_states(spec, n):
                                   "decay=vector,causal,lrpe=d,phi=silu,dk=16,dv=32"])
 def test_sequence_splitting(spec, segments, states, monkeypatch):
     """Long sequences cut into pieces of a larger batch (forced here): same outputs, gradients, states.
-    (Pieces of 32, 24 and 48 tokens: full and partial chunks; the forward's state pass runs, and bwd_dq
-    sends the backward's states.)"""
+    (Pieces of 32, 24 and 48 tokens: full and partial chunks; the state passes run.)"""
     from lightgen import launch, ops
 
     monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
@@ -65,7 +64,7 @@ def test_sequence_splitting(spec, segments, states, monkeypatch):
     monkeypatch.setattr(ops, "_piece_states", lambda variant, kernel, *a: passes.append(kernel)
                         or piece_states(variant, kernel, *a))
     check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=states, offset=3)
-    assert passes == ["fwd_state"]  # the backward's pieces states come from bwd_dq
+    assert set(passes) == {"fwd_state", "bwd_state"}
 
 
 def test_splitting_rule(monkeypatch):
@@ -210,7 +209,8 @@ def test_chunk_state_and_state_gradient(spec, segments, monkeypatch):
     q, k, v, do, slopes, theta, g = random_inputs(attn.variant, 2, 48, 2, DTYPES[0], DEVICE)
     state = attn.chunk_state(k, v, slopes, theta, offset=7, g=g)
     _, final = attn(q, k, v, slopes, theta, output_final_state=True, offset=7, g=g)
-    torch.testing.assert_close(state, final, rtol=1e-3, atol=1e-4)
+    # (on a GPU in bf16 the state pass and the forward may take different chunks, hence round differently)
+    assert rel_err(state, final) < TOLERANCE[DTYPES[0]]
     start = torch.zeros_like(final).requires_grad_()
     o = attn(q, k, v, slopes, theta, initial_state=start, offset=7, g=g)
     expected, = torch.autograd.grad(o, start, do)
