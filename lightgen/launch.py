@@ -39,7 +39,8 @@ def heuristic(variant, kernel: str, interpreted: bool) -> dict:
     # (wrong results or illegal accesses, e.g. C=64, BV=32, 4 warps): narrow tiles get 32-token chunks.
     chunk = 64 if min(bk, bv) >= 64 else 32
     if variant.decay == "vector":  # H100, D = 128, N = 4K, tiles of 64, 4 warps: fwd 2.18 ms at C = 16, 3.31 at 32, 10.6 at 64
-        chunk = 16
+        # and 3 stages: what tuning picked for all four kernels (D = 128, bf16; bwd_dq 1.71 ms against 2.11 at 2 stages)
+        return {"C": 16, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 3}
     if variant.lrpe == "d" and variant.dk <= 128 and variant.dv <= 128 and variant.decay != "vector":
         # LRPE doubles the state ([2 dk, dv] fp32): short chunks leave registers for it. Measured on H100 (D = 128,
         # constant decay, silu, N = 4K, bf16, ms): fwd 1.88 at C = 16, BV = 128, 8 warps (2.34 at C = 32);
