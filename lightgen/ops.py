@@ -341,9 +341,10 @@ class TileShares(NamedTuple):
     total: torch.Tensor
 
 
-def _launch(module, variant, kernel, q, tile_name, args, offset, segments, cu_seqlens=None, **flags):
+def _launch(module, variant, kernel, q, tile_name, args, offset, segments, cu_seqlens=None, batch=None, **flags):
     """One kernel over B*H*tiles programs: its output's head dim ("BK": dk, "BV": dv) is tiled.
-    Packed sequences (cu_seqlens): S*H*tiles programs of the varlen module's kernel."""
+    Packed sequences (cu_seqlens): S*H*tiles programs of the varlen module's kernel. batch: programs
+    for only that many of the B rows (the pieces module's SKIP)."""
     import triton.language as tl
 
     b, n, h, _ = q.shape
@@ -362,7 +363,7 @@ def _launch(module, variant, kernel, q, tile_name, args, offset, segments, cu_se
     slices = iter(s for _, s in shares)
     args = [next(slices) if isinstance(a, TileShares) else a for a in args]
     dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[q.dtype]
-    getattr(module, kernel)[(b * h * tiles,)](
+    getattr(module, kernel)[((batch or b) * h * tiles,)](
         *args, *tail, DK=variant.dk, DV=variant.dv, C=params["C"], DOT=dot,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=params["num_warps"], num_stages=params["num_stages"], **{tile_name: tile}, **flags)
@@ -385,8 +386,8 @@ def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segm
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
-    module, own, decays = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset, segments)
-    received = split.scan(module, own, decays, h0)
+    module, own, decays = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset, segments, every=False)
+    received = split.scan(module, own, decays, h0)  # (the last piece's own state is not needed)
     y, ht, o = _forward_pass(variant, pieces(q), pieces(k), pieces(v), piece_decay, theta, received, offset, final,
                              segments, None, pieces(u))
     whole = functools.partial(_whole, b=b, n=n)
@@ -399,16 +400,18 @@ def _whole(t, b, n):
     return None if t is None else t.view(b, n, *t.shape[2:])
 
 
-def _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments):
+def _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments, every=True):
     """A state pass of the pieces module over each sequence's `segments` pieces: (the module, one state per
     piece and head [B * P, H, F, dv] fp32, the pieces' log decays d [B, P, H]). kernel: fwd_state
-    (x, y = k, v) or bwd_state (q, dO)."""
+    (x, y = k, v) or bwd_state (q, dO). every=False: not for the piece whose state the scan never uses (each
+    sequence's last under fwd_state, first under bwd_state; its slot is left empty), 1 / P less to read."""
     module = build.load(variant, "pieces")
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
     states = _state_like(variant, pieces(x))
+    skip = not every and segments > 1
     _launch(module, variant, kernel, pieces(x), "BV", (pieces(x), pieces(y), states, piece_decay, theta), offset,
-            segments, HAS_FINAL=True)
+            segments, batch=x.shape[0] * (segments - 1) if skip else None, HAS_FINAL=True, SKIP=skip)
     return module, states, split.piece_log_decays(variant, log_decay, x.shape, segments, x.device)
 
 
@@ -471,7 +474,8 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     pieces = functools.partial(split.as_pieces, segments=segments)
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
-    pieces_module, own, decays = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset, segments)
+    pieces_module, own, decays = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset, segments,
+                                               every=False)
     sent = split.scan(pieces_module, own, decays, dht, reverse=True)
     after = None
     if variant.learned_decay:  # the state after each piece, for dg (the sequence's last: ht, needed only with dht)

@@ -61,8 +61,8 @@ def test_sequence_splitting(spec, segments, states, monkeypatch):
     monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
     passes = []
     piece_states = ops._piece_states
-    monkeypatch.setattr(ops, "_piece_states", lambda variant, kernel, *a: passes.append(kernel)
-                        or piece_states(variant, kernel, *a))
+    monkeypatch.setattr(ops, "_piece_states", lambda variant, kernel, *a, **kw: passes.append(kernel)
+                        or piece_states(variant, kernel, *a, **kw))
     check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=states, offset=3)
     assert set(passes) == {"fwd_state", "bwd_state"}
 
