@@ -41,14 +41,14 @@ def heuristic(variant, kernel: str, interpreted: bool) -> dict:
     if variant.decay == "vector":  # H100, D = 128, N = 4K, tiles of 64, 4 warps: fwd 2.18 ms at C = 16, 3.31 at 32, 10.6 at 64
         # and 3 stages: what tuning picked for all four kernels (D = 128, bf16; bwd_dq 1.71 ms against 2.11 at 2 stages)
         return {"C": 16, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 3}
-    if variant.lrpe == "d" and variant.dk <= 128 and variant.dv <= 128 and variant.decay != "vector":
+    if variant.lrpe == "d" and variant.dk <= 128 and variant.dv <= 128:
         # LRPE doubles the state ([2 dk, dv] fp32): short chunks leave registers for it. Measured on H100 (D = 128,
         # constant decay, silu, N = 4K, bf16, ms): fwd 1.88 at C = 16, BV = 128, 8 warps (2.34 at C = 32);
         # bwd_dq / bwd_dk 2.45 / 2.47 at C = 16, tile 64, 4 warps (bwd_dq 3.3 at C = 32, 8 warps); bwd_dv 1.78
         if kernel in ("fwd", "bwd_dkv", "bwd_dv"):
             return {"C": 16, "BK": bk, "BV": variant.dv, "num_warps": 8, "num_stages": 2}
         return {"C": 16, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 2}
-    if kernel in ("fwd", "bwd_dkv", "bwd_dv") and variant.dk <= 128 and variant.dv == 128 and variant.decay != "vector":
+    if kernel in ("fwd", "bwd_dkv", "bwd_dv") and variant.dk <= 128 and variant.dv == 128:
         # the one config that tuning picked for these kernels in every D = 128 variant without LRPE tuned on
         # H100 (constant decay, none, scalar: tuned_configs/sm90.json): the whole row per program
         return {"C": 32, "BK": bk, "BV": 128, "num_warps": 8, "num_stages": 3}

@@ -425,7 +425,7 @@ def _chunk_state_pass(variant, kernel, x, y, log_decay, theta, offset, segments)
     b = x.shape[0]
     by_piece = own.view(b, segments, *own.shape[1:])
     rows = own.shape[-2]
-    if kernel == "fwd_state":  # E_(P-1) = 2^d_(P-1) E_(P-2) + own_(P-1)
+    if kernel == "fwd_state":  # E_(P-1) = exp(d_(P-1)) E_(P-2) + own_(P-1)
         before = split.scan(module, own, decays).view_as(by_piece)[:, -1]
         return split.state_factor(decays[:, -1], rows) * before + by_piece[:, -1]
     after = split.scan(module, own, decays, reverse=True).view_as(by_piece)[:, 0]  # dE_0

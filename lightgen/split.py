@@ -46,8 +46,8 @@ def piece_log_decays(variant, log_decay, shape, segments, device) -> torch.Tenso
 def scan(module, own, decays, start=None, reverse=False) -> torch.Tensor:
     """The pieces module's scan over [B * P, H, F, dv] states (see its comment), with start [B, H, F, dv]
     or None and decays d [B, P, H] (log; [B, P, H, dk] under decay=vector): forward, the state each piece
-    starts from, E_(p-1) = 2^d_(p-1) E_(p-2) + own_(p-1) from E_(-1) = start; reverse, the gradient of the
-    state after each piece, dE_p = 2^d_(p+1) dE_(p+1) + own_(p+1) (own: what each piece sends back) from
+    starts from, E_(p-1) = exp(d_(p-1)) E_(p-2) + own_(p-1) from E_(-1) = start; reverse, the gradient of the
+    state after each piece, dE_p = exp(d_(p+1)) dE_(p+1) + own_(p+1) (own: what each piece sends back) from
     dE_(P-1) = start."""
     b, segments, h = decays.shape[:3]
     size = own[0, 0].numel()
@@ -61,7 +61,7 @@ def scan(module, own, decays, start=None, reverse=False) -> torch.Tensor:
 
 
 def state_factor(decays: torch.Tensor, rows: int) -> torch.Tensor:
-    """2^d as a factor of [B, H, F, dv] states (F = rows): d [B, H] per state, or [B, H, dk] per key dim
+    """exp(d) as a factor of [B, H, F, dv] states (F = rows): d [B, H] per state, or [B, H, dk] per key dim
     (decay=vector: state row f belongs to key dim f % dk)."""
     factor = decays.exp().float()
     if factor.dim() == 2:
