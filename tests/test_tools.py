@@ -1,4 +1,4 @@
-"""tools/bench_tnl.py, tools/bench_sp.py and tools/llama_baseline.py on the CPU: tiny config, contexts
+"""tools/bench_tnl.py, tools/bench_sp.py, tools/bench_dist.py and tools/llama_baseline.py on the CPU: tiny config, contexts
 of a few dozen tokens, the attention's PyTorch reference (LIGHTGEN_CPU_REFERENCE=1), so each tool
 runs in seconds. They check the tools' wiring and reports; the speeds are measured on a GPU."""
 import json
@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from tnl import TNLConfig
 from tnl.distributed.sequence_parallel import METHODS
-from tools import bench_sp, bench_tnl
+from tools import bench_dist, bench_sp, bench_tnl
 from tools.llama_baseline import LlamaConfig, LlamaForCausalLM
 
 TINY = ["--config", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"]
@@ -94,6 +94,26 @@ def test_bench_sp_agrees_with_the_plain_model(tmp_path):
     assert not dist.is_initialized()  # the one-rank group is gone
 
 
+def test_bench_dist_stops_at_the_first_context_that_does_not_fit(monkeypatch, tmp_path):
+    """One rank (no torchrun): the sweep ends at the first OOM and the JSON keeps the rows before it."""
+    real = bench_dist.train_row
+
+    def long_rows_run_out_of_memory(model, optimizer, mesh, context, *args):
+        if context > 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, optimizer, mesh, context, *args)
+
+    monkeypatch.setattr(bench_dist, "train_row", long_rows_run_out_of_memory)
+    out = tmp_path / "dist.json"
+    result = bench_dist.main([*TINY, "--contexts", "16,32,64", "--checkpoint", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    first, second = result["rows"]  # 64 never ran
+    assert first["context"] == 16 and first["tokens_per_s_per_gpu"] > 0 and 5.0 < first["loss"] < 6.0
+    assert second == {"context": 32, "batch": 1, "error": "OOM"}
+    assert result["mesh"] == {"dp": 1, "sp": 1, "tp": 1} and result["checkpoint"]
+    assert not dist.is_initialized()
+
+
 @pytest.mark.parametrize("tool, argv, option", [
     (bench_tnl, ["--config", "13b"], "--config"),
     (bench_tnl, ["--contexts", "2048,3000"], "--contexts"),
@@ -103,6 +123,8 @@ def test_bench_sp_agrees_with_the_plain_model(tmp_path):
     (bench_tnl, ["--dtype", "fp8", "--contexts", "", "--gen-contexts", ""], "--dtype"),
     (bench_sp, ["--methods", "ring"], "--methods"),
     (bench_sp, ["--contexts", "0"], "--contexts"),
+    (bench_dist, ["--device", "cpu", "--sp", "2"], "--sp"),
+    (bench_dist, ["--device", "cpu", "--batch", "0"], "--batch"),
 ])
 def test_bad_arguments_name_the_option(tool, argv, option, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import generation
 from .config import TNLConfig
@@ -37,6 +39,9 @@ class TNLForCausalLM(nn.Module):
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # activation checkpointing: in training each block keeps only its input for the backward and
+        # recomputes the rest there (long sequences: a 1B block keeps ~100 KB per token otherwise)
+        self.gradient_checkpointing = False
 
     def _init_weights(self, module):
         # the released code: every Linear and Embedding ~ N(0, init_std); LRPE theta keeps its init
@@ -50,7 +55,10 @@ class TNLForCausalLM(nn.Module):
         sequence (chunked prefill for N > 1, the recurrent step for N == 1) and the cache advances."""
         x = self.embed_tokens(input_ids) * self.embed_scale
         for block in self.layers:
-            x = block(x, cache)
+            if self.gradient_checkpointing and cache is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache)
         if cache is not None:
             cache.position += input_ids.shape[1]
         return self.lm_head(self.final_norm(x))

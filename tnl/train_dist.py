@@ -14,6 +14,7 @@ environment already sets them.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import time
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16, help="global batch (rows), split over dp")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row, split over sp")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="activation checkpointing: each block keeps its input and recomputes the rest in the backward")
     add_schedule_args(p)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (any mesh)")
     p.add_argument("--export", action="store_true", help="write <out>/model (save_pretrained) at the end")
@@ -82,19 +85,28 @@ def parse_args(argv=None):
     return args
 
 
-def setup(args):
-    """Process group, device and mesh from torchrun's environment."""
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> torch.device:
+    """The default process group from torchrun's environment (without torchrun: a world of this one
+    process); returns this rank's device. NCCL with one GPU per rank, or gloo on the CPU. A
+    collective that waits longer than timeout_s (default: torch's) ends the process."""
     for name, value in SAFE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    # without torchrun (plain python -m tnl.train_dist) the world is this one process
-    alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, **alone)
+    options = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+    if timeout_s is not None:
+        options["timeout"] = datetime.timedelta(seconds=timeout_s)
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        rank_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(rank_device)
+        dist.init_process_group("nccl", device_id=rank_device, **options)
     else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", **alone)
+        rank_device = torch.device("cpu")
+        dist.init_process_group("gloo", **options)
+    return rank_device
+
+
+def setup(args):
+    """Process group, device and mesh from torchrun's environment."""
+    device = init_distributed(args.device)
     world = dist.get_world_size()
     dp, tp = args.mesh or (world // args.sp, 1)
     mesh = make_mesh(dp, args.sp, tp, device.type)
@@ -157,6 +169,7 @@ def train(args) -> dict:
         overrides["num_heads"] = args.num_heads
     config = TNLConfig.preset(args.config, **overrides)
     model = TNLForCausalLM(config).to(device)
+    model.gradient_checkpointing = args.checkpoint
     num_parameters = model.num_parameters()
     model = parallelize(model, mesh, args.sp_method)
     optimizer = make_optimizer(model, args)

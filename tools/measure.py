@@ -166,15 +166,17 @@ def main(tool: str, parse_args, run, report, argv=None) -> dict:
     return result
 
 
-def parser(tool: str, description: str, contexts: str, tokens_per_batch: int) -> argparse.ArgumentParser:
-    """The options every tnl benchmark takes; each tool adds its own."""
+def parser(tool: str, description: str, contexts: str, tokens_per_batch: int | None = None) -> argparse.ArgumentParser:
+    """The options every tnl benchmark takes; each tool adds its own. --tokens-per-batch only where
+    the tool sizes its batch by it (tokens_per_batch: its default)."""
     from tnl import PRESETS
 
     p = argparse.ArgumentParser(prog=tool, description=description)
     p.add_argument("--config", default="385m", choices=sorted(PRESETS), help="tnl size preset")
     p.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary (256 bytes)")
     p.add_argument("--contexts", default=contexts, help="training context lengths")
-    p.add_argument("--tokens-per-batch", type=int, default=tokens_per_batch, help="batch = this / context")
+    if tokens_per_batch is not None:
+        p.add_argument("--tokens-per-batch", type=int, default=tokens_per_batch, help="batch = this / context")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (and path)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (or decoded tokens) before timing")
     p.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES, help="autocast dtype on a GPU (the CPU runs fp32)")
