@@ -92,6 +92,10 @@ def check_matches(result):
     assert len(result["grad_errors"]) == result["num_params"]
 
 
+def test_one_rank_keeps_plain_tensors(tmp_path):
+    check_matches(launch("one", 1, tmp_path))
+
+
 def test_tensor_parallel_2_ranks(tmp_path):
     result = launch("tp", 2, tmp_path)
     check_matches(result)
@@ -113,7 +117,7 @@ def test_sequence_and_tensor_parallel_2x2(tmp_path):
     check_matches(launch("sp_tp", 4, tmp_path))
 
 
-@pytest.mark.parametrize("scenario, world", [("tp", 2), ("sp2", 2), ("tp_fsdp", 4), ("sp4", 4), ("sp_tp", 4)])
+@pytest.mark.parametrize("scenario, world", [("one", 1), ("tp", 2), ("sp2", 2), ("tp_fsdp", 4), ("sp4", 4), ("sp_tp", 4)])
 def test_on_gpus_with_nccl(tmp_path, scenario, world):
     """The same scenarios with one GPU per rank and NCCL; attention runs the compiled kernels (fp32,
     IEEE dots: the tolerances above hold). Runs where the machine has enough GPUs (issue 8)."""
@@ -238,6 +242,22 @@ def scenario_tp(out):
     return compare(loss.item(), full_gradients(model), ref_loss, ref_grads)
 
 
+def scenario_one(out):
+    """parallelize on a world of one: no DTensors, no FSDP (host time), the same numbers."""
+    from torch.distributed.tensor import DTensor
+
+    from tnl.distributed import make_mesh, parallelize
+
+    model = make_model()
+    x, y = make_batch(2, 32)
+    ref_loss, ref_grads = reference_run(model, x, y)
+    parallelize(model, make_mesh(dp=1, sp=1, tp=1, device_type=DEVICE.type))
+    assert not any(isinstance(p, DTensor) for p in model.parameters())
+    loss = model.loss(x, y)
+    loss.backward()
+    return compare(loss.item(), full_gradients(model), ref_loss, ref_grads)
+
+
 def scenario_sp(out):
     import torch.distributed as dist
 
@@ -352,7 +372,7 @@ def scenario_load(out):
     return {"loss_before": before, "loss_after": after, "exported_loss": exported}
 
 
-SCENARIOS = {"tp": scenario_tp, "sp2": scenario_sp, "sp4": scenario_sp, "tp_fsdp": scenario_tp_fsdp,
+SCENARIOS = {"one": scenario_one, "tp": scenario_tp, "sp2": scenario_sp, "sp4": scenario_sp, "tp_fsdp": scenario_tp_fsdp,
              "sp_tp": scenario_sp_tp, "save": scenario_save, "load": scenario_load}
 
 

@@ -39,11 +39,14 @@ def make_mesh(dp: int, sp: int, tp: int, device_type: str = "cpu") -> DeviceMesh
 
 
 def parallelize(model, mesh: DeviceMesh, sp_method: str = "states"):
-    """TP over mesh["tp"], SP over mesh["sp"] (if > 1), then FSDP2 per block and at the root."""
+    """TP over mesh["tp"], SP over mesh["sp"] (if > 1), then FSDP2 per block and at the root (if
+    more than one rank holds data: with one there is nothing to shard or average)."""
     parallelize_tnl(model, mesh["tp"])
     if mesh["sp"].size() > 1:
         enable_sequence_parallel(model, mesh["sp"].get_group(), sp_method)
     data_mesh = mesh["sp", "dp"] if mesh["sp"].size() > 1 else mesh["dp"]
+    if data_mesh.size() == 1:  # nothing to shard or average; FSDP2's hooks would only cost host time
+        return model
     for block in model.layers:
         fully_shard(block, mesh=data_mesh)
     fully_shard(model, mesh=data_mesh)
