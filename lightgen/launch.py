@@ -238,8 +238,11 @@ def segments(variant, shape, dtype, device) -> int:
     (pair, piece)s as SMs, none under 1024 tokens. Learned decays (scalar, vector) go on to twice as many:
     their backward kernels tile the head dim (more programs, each lighter). decay=scalar, fwd+bwd in ms at
     (pair, piece)s 256 / 512 / 1024: 3.93 / 3.74 / 3.75 at 16K, 3.95 / 3.74 / 3.79 at 32K (constant: 2.40 / 2.51 /
-    2.67 at 16K). (Pairs, not programs: the count must not depend on tuned tiles, so that torch.compile can
-    trace it.)"""
+    2.67 at 16K). More dv tiles instead of pieces lose (constant, 16K, fwd and bwd_dv forced to BV = 64,
+    fwd / fwd+bwd: 0.750 / 2.933 ms unsplit, against 0.753 / 2.480 as 4 pieces; 32K as 2 pieces 1.090 /
+    3.634 against 0.676 / 2.354 as 8): a program walking the whole sequence is the bound, not the state
+    passes' reads. (Pairs, not programs: the count must not depend on tuned tiles, so that torch.compile
+    can trace it.)"""
     if device.type != "cuda":
         return 1
     b, n, h, _ = shape
