@@ -177,11 +177,12 @@ def test_bench_dist_on_2_ranks(tmp_path):
 DEVICE = torch.device("cpu")  # this rank's device; main() sets it from TEST_DIST_DEVICE
 
 
-def make_model(seed=0):
+def make_model(seed=0, **overrides):
     from tnl import TNLConfig, TNLForCausalLM
 
     torch.manual_seed(seed)  # the same weights on every rank; init_std 0.1 so that attention matters
-    config = TNLConfig(hidden_size=64, num_layers=2, num_heads=4, glu_dim=128, lrpe_layers=[0], init_std=0.1)
+    config = TNLConfig(hidden_size=64, num_layers=2, num_heads=4, glu_dim=128, lrpe_layers=[0], init_std=0.1,
+                       **overrides)
     return TNLForCausalLM(config).to(DEVICE)
 
 
@@ -233,22 +234,29 @@ def scenario_tp(out):
 
     from tnl.distributed import parallelize_tnl
 
+    tp_mesh = init_device_mesh(DEVICE.type, (2,), mesh_dim_names=("tp",))
+    try:
+        parallelize_tnl(make_model(tie_word_embeddings=True), tp_mesh)
+        raise AssertionError("tied embeddings were split over 2 ranks")
+    except NotImplementedError:
+        pass
     model = make_model()
     x, y = make_batch(2, 32)
     ref_loss, ref_grads = reference_run(model, x, y)
-    parallelize_tnl(model, init_device_mesh(DEVICE.type, (2,), mesh_dim_names=("tp",)))
+    parallelize_tnl(model, tp_mesh)
     loss = model.loss(x, y)
     loss.backward()
     return compare(loss.item(), full_gradients(model), ref_loss, ref_grads)
 
 
 def scenario_one(out):
-    """parallelize on a world of one: no DTensors, no FSDP (host time), the same numbers."""
+    """parallelize on a world of one: no DTensors, no FSDP (host time), the same numbers; tied
+    embeddings too (nothing is sharded)."""
     from torch.distributed.tensor import DTensor
 
     from tnl.distributed import make_mesh, parallelize
 
-    model = make_model()
+    model = make_model(tie_word_embeddings=True)
     x, y = make_batch(2, 32)
     ref_loss, ref_grads = reference_run(model, x, y)
     parallelize(model, make_mesh(dp=1, sp=1, tp=1, device_type=DEVICE.type))

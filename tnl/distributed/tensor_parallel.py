@@ -137,14 +137,14 @@ def parallelize_tnl(model, tp_mesh: DeviceMesh):
     tp = tp_mesh.size()
     if config.num_heads % tp:
         raise ValueError(f"tensor parallel size {tp} must divide num_heads={config.num_heads}")
-    if config.tie_word_embeddings:
-        raise NotImplementedError("tensor parallelism with tie_word_embeddings: the embedding and the LM head "
-                                  "would be sharded as two different parameters")
     if tp == 1:
         for block in model.layers:
             _store_head_major(block.token_mixer, config)
             _regroup_output(block.token_mixer, config)
         return model
+    if config.tie_word_embeddings:
+        raise NotImplementedError("tensor parallelism with tie_word_embeddings: the embedding and the LM head "
+                                  "would be sharded as two different parameters")
     for block in model.layers:
         _shard_heads(block.token_mixer, tp_mesh, config)
         parallelize_module(block, tp_mesh, {
