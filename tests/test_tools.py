@@ -43,6 +43,25 @@ def test_llama_baseline_is_causal():
         torch.testing.assert_close(model(ids)[:, :8], model(changed)[:, :8])
 
 
+def test_llama_baseline_checkpointing_keeps_less_and_gives_the_same_gradients():
+    grads, kept = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig.matching(TNLConfig.preset("tiny", init_std=0.1)))
+        model.gradient_checkpointing = checkpointing
+        ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+        saved = []  # bytes autograd keeps outside the checkpointed blocks
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = model.loss(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+        kept.append(sum(saved))
+    assert kept[1] < kept[0] / 2
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, rtol=1e-5, atol=1e-7), name
+
+
 def test_bench_tnl_rows(tmp_path):
     out = tmp_path / "tnl.json"
     returned = bench_tnl.main([*TINY, "--contexts", "16,32,64", "--tokens-per-batch", "64",

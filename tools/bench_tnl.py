@@ -27,7 +27,6 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from tnl import TNLConfig, TNLForCausalLM, generation
 from tools import measure
@@ -70,17 +69,6 @@ def parameter_counts(config: TNLConfig) -> dict:
         return {name: build(name, config).num_parameters() for name in MODELS}
 
 
-class Checkpointed(nn.Module):
-    """A block whose activations are recomputed in the backward instead of kept (--checkpoint)."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args):
-        return checkpoint(self.block, *args, use_reentrant=False)
-
-
 def flash_only(device: torch.device, amp_dtype) -> bool:
     """Llama's SDPA is limited to FlashAttention-2 on a GPU in bf16 / fp16 (no silent fallback to
     another backend); FlashAttention has no fp32, and the CPU none of it."""
@@ -103,8 +91,7 @@ def train_row(name: str, config: TNLConfig, context: int, args, device, amp_dtyp
     torch.manual_seed(args.seed)
     with device:
         model = build(name, config)
-    if args.checkpoint:
-        model.layers = nn.ModuleList(Checkpointed(block) for block in model.layers)
+    model.gradient_checkpointing = args.checkpoint  # both models: each block keeps only its input
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     x, y = measure.random_tokens(batch, context, config.vocab_size, device, args.seed)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tnl import TNLConfig
 
@@ -123,13 +124,17 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=config.init_std)
+        self.gradient_checkpointing = False  # as TNLForCausalLM's: blocks recomputed in the backward
 
     def forward(self, input_ids):
         """input_ids [B, N] -> logits [B, N, vocab]."""
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_base, x.device)
         for block in self.layers:
-            x = block(x, cos, sin)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         return self.lm_head(self.final_norm(x))
 
     def loss(self, input_ids, targets):
