@@ -51,7 +51,7 @@ def heuristic(variant, kernel: str, interpreted: bool) -> dict:
     if kernel == "bwd_dkv" and variant.dk == 128 and variant.dv == 128:
         # the fused reverse sweep holds its [dk, dv] fp32 state and works on both products: at C = 32 it spills
         # (48 values at 255 registers), at C = 16 not (246). H100, constant decay, bf16, fwd+bwd ms at 4K x 16 /
-        # 16K x 4: 1.825 / 2.289 fused at C = 16, 8 warps, 3 stages, against 1.928 / 2.463 split, 3.53 fused at C = 32
+        # 16K x 4: 1.825 / 2.289 fused at C = 16, 8 warps, 3 stages, against 1.928 / 2.463 split (4K: 3.53 fused at C = 32)
         return {"C": 16, "BK": bk, "BV": 128, "num_warps": 8, "num_stages": 3}
     if kernel in ("fwd", "bwd_dkv", "bwd_dv") and variant.dk <= 128 and variant.dv == 128:
         # the one config that tuning picked for these kernels in every D = 128 variant without LRPE tuned on

@@ -11,7 +11,7 @@ rank 0 writes the numbers to OUT_DIR/result-SCENARIO.json and the test checks th
 lightgen's PyTorch reference (LIGHTGEN_CPU_REFERENCE=1), except in the 2-rank SP test, which runs
 the generated kernels under Triton's interpreter (states in and out, LRPE offsets).
 
-test_on_gpus_with_nccl runs the TP and SP scenarios again with one GPU per rank and NCCL, the
+test_on_gpus_with_nccl runs the scenarios again with one GPU per rank and NCCL, the
 attention in the compiled kernels, on machines with enough GPUs (skipped elsewhere).
 
 Tolerances (fp32): loss within 1e-5 relative, each gradient within 1e-4 relative (norm-wise); only
