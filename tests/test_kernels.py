@@ -1,4 +1,5 @@
 """Kernels vs the float64 reference: forward and all gradients, over the variant space."""
+import functools
 import itertools
 
 import pytest
@@ -65,6 +66,29 @@ def test_sequence_splitting(spec, segments, states, monkeypatch):
                         or piece_states(variant, kernel, *a, **kw))
     check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=states, offset=3)
     assert set(passes) == {"fwd_state", "bwd_state"}
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+def test_gradient_through_the_final_state_alone(segments, monkeypatch):
+    """A loss that reads only the final state: o gets no gradient (None reaches the backward, no zeros
+    are filled in; nor for the pieces' states), and q, k, v, theta still get theirs."""
+    from lightgen import launch
+
+    monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
+    attn = lightgen.compile("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32")
+    q, k, v, _, slopes, theta, _ = random_inputs(attn.variant, 2, 48, 2, DTYPES[0], DEVICE, seed=3)
+    dht = torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+
+    def grads(fn, work):
+        leaves = [t.to(work).clone().requires_grad_() for t in (q, k, v, theta)]
+        _, ht = fn(*leaves[:3], slopes=slopes.to(work), theta=leaves[3], output_final_state=True, offset=2)
+        return torch.autograd.grad(ht, leaves, dht.to(ht.dtype), allow_unused=True)
+
+    dq, *got = grads(attn, q.dtype)
+    no_dq, *expected = grads(functools.partial(reference.quadratic, attn.variant), torch.float64)
+    assert no_dq is None and (dq is None or not dq.any())  # the final state does not read q
+    for name, g, want in zip(("dk", "dv", "dtheta"), got, expected):
+        assert rel_err(g, want) < TOLERANCE[q.dtype], name
 
 
 def test_splitting_rule(monkeypatch):
