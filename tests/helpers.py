@@ -2,6 +2,8 @@
 import json
 import os
 
+import torch
+
 from lightgen.verify import SLACK, TOLERANCE, compare, failures
 
 
@@ -19,3 +21,19 @@ def check_variant(variant, b, n, h, dtype, device, seed=0, tol=None, states=Fals
     assert not bad, f"{variant}: {shape} H={h} {dtype}: errors above {tol:g} (dg: x{SLACK['dg']:g}): {bad} " \
                     f"(all: {errors})"
     return errors
+
+
+def train_step_keeping(model, ids):
+    """One loss + backward of a causal LM on ids [B, N + 1]: (loss, gradients by name, the bytes autograd
+    kept for the backward). Checkpointed blocks keep what they save to themselves, so the count shows
+    whether activation checkpointing is on."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in model.named_parameters()}, sum(saved)

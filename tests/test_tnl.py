@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers import train_step_keeping
 
 import lightgen
 from lightgen import reference
@@ -310,17 +311,7 @@ def test_gradient_checkpointing_keeps_less_and_gives_the_same_gradients(no_inter
     def run(checkpointing):
         model = make_model(lrpe_layers=[0]).train()
         model.gradient_checkpointing = checkpointing
-        ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(5))
-        saved = []  # the bytes autograd keeps for the backward, outside the checkpointed blocks
-
-        def pack(t):
-            saved.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model.loss(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        return loss.item(), {name: p.grad for name, p in model.named_parameters()}, sum(saved)
+        return train_step_keeping(model, torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(5)))
 
     loss, grads, kept = run(False)
     loss_ckpt, grads_ckpt, kept_ckpt = run(True)

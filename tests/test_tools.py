@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import train_step_keeping
 
 from tnl import TNLConfig
 from tnl.distributed.sequence_parallel import METHODS
@@ -49,14 +50,10 @@ def test_llama_baseline_checkpointing_keeps_less_and_gives_the_same_gradients():
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig.matching(TNLConfig.preset("tiny", init_std=0.1)))
         model.gradient_checkpointing = checkpointing
-        ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
-        saved = []  # bytes autograd keeps outside the checkpointed blocks
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
-            loss = model.loss(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        grads.append({name: p.grad for name, p in model.named_parameters()})
-        kept.append(sum(saved))
+        _, step_grads, step_kept = train_step_keeping(
+            model, torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1)))
+        grads.append(step_grads)
+        kept.append(step_kept)
     assert kept[1] < kept[0] / 2
     for name, g in grads[0].items():
         assert torch.allclose(grads[1][name], g, rtol=1e-5, atol=1e-7), name
