@@ -15,7 +15,8 @@ Two stores are read:
     source checkout;
   - user, writable: $LIGHTGEN_TUNED_DIR, else $XDG_CACHE_HOME/lightgen/tuned_configs
     (~/.cache/lightgen/tuned_configs).
-lookup() merges them (user wins on the same key) and picks the nearest n bucket. It runs on
+lookup() merges them (user wins on the same key) and picks the nearest n bucket; a GPU without
+entries of its own borrows another GPU's of the same arch. It runs on
 every kernel launch, so parsed files are cached in-process and revalidated with one stat.
 
 Robustness: a damaged file or entry warns (ConfigStoreWarning, naming the file) and is skipped;
@@ -202,6 +203,7 @@ class _FileData:
     bad: list = field(default_factory=list)           # raw entries we could not parse, kept verbatim
     groups: dict = field(default_factory=dict)        # key.group() -> {n_bucket: {"params", "ms", ...}}
     tritons: dict = field(default_factory=dict)       # group minus triton -> {triton versions}
+    siblings: dict = field(default_factory=dict)      # group minus gpu -> {gpu: {n_bucket: value}}
 
 
 def _parse(path: Path, blob: bytes) -> _FileData:
@@ -232,6 +234,7 @@ def _parse(path: Path, blob: bytes) -> _FileData:
         data.groups.setdefault(key.group(), {})[key.n_bucket] = value
         g = key.group()
         data.tritons.setdefault(g[:2] + g[3:], set()).add(key.triton)
+        data.siblings.setdefault(g[:1] + g[2:], {}).setdefault(key.gpu, {})[key.n_bucket] = value
     return data
 
 
@@ -309,6 +312,9 @@ def lookup(arch, gpu, triton, variant, kernel, dk, dv, dtype, n) -> dict | None:
     Nearest is by log2 distance between buckets; ties go to the larger bucket (a config tuned
     for longer sequences is the safer guess: more parallelism to hide). User entries override
     shipped ones on the same key. Entries for another Triton major.minor are ignored.
+    With no entry for this GPU, another GPU's of the same arch serve (warned once): GPUs of one arch
+    share the SM design (registers, shared memory), so its configs launch, and they are a better guess
+    than the heuristic (an H200 runs the H100's sm90 entries). This GPU's own entries always win.
     """
     entry = lookup_entry(arch, gpu, triton, variant, kernel, dk, dv, dtype, n)
     return None if entry is None else dict(entry["params"])  # a copy: callers must not mutate the cache
@@ -328,10 +334,34 @@ def lookup_entry(arch, gpu, triton, variant, kernel, dk, dv, dtype, n) -> dict |
             buckets.update(data.groups.get(group, ()))
             loaded.append((path, data))
     if not buckets:
+        buckets = _sibling_buckets(loaded, group)
+    if not buckets:
         _warn_if_stale(loaded, group)
         return None
     want = n_bucket(n).bit_length()
     return buckets[min(buckets, key=lambda b: (abs(b.bit_length() - want), -b))]
+
+
+_warned_sibling: set[tuple] = set()
+
+
+def _sibling_buckets(loaded, group) -> dict:
+    """The buckets of the same group tuned on another GPU of the same arch: the GPU with the most
+    buckets (then the first name), warned once per (this GPU, that GPU, arch)."""
+    by_gpu: dict[str, dict] = {}
+    for _, data in loaded:
+        for gpu, buckets in data.siblings.get(group[:1] + group[2:], {}).items():
+            by_gpu.setdefault(gpu, {}).update(buckets)
+    by_gpu.pop(group[1], None)
+    if not by_gpu:
+        return {}
+    gpu = min(by_gpu, key=lambda g: (-len(by_gpu[g]), g))
+    said = (group[1], gpu, group[0])
+    if said not in _warned_sibling:
+        _warned_sibling.add(said)
+        _warn(f"no tuned launch configs for {group[1]}; using those tuned on {gpu} (the same arch, "
+              f"{group[0]}). Tune this GPU for its own: lightgen tune SPEC")
+    return by_gpu[gpu]
 
 
 def _warn_if_stale(loaded, group) -> None:

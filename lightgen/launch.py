@@ -7,7 +7,8 @@ reuses the compiled kernel.
 Order of precedence in params():
   1. an override (`with launch.override(p): ...`), used by the tuner to time one config;
   2. under Triton's interpreter (CPU tensors): the heuristic, nothing is looked up;
-  3. on a CUDA device: configs.lookup (nearest N bucket) when it has a sane entry;
+  3. on a CUDA device: configs.lookup (nearest N bucket; this GPU's entries, else another GPU's of its
+     arch) when it has a sane entry;
   4. else the heuristic, with a LaunchConfigWarning once per (variant, kernel, dtype, device).
 """
 from __future__ import annotations

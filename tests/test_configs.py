@@ -78,10 +78,24 @@ def test_miss_returns_none(store):
     assert look(1024) == params(64)
     assert look(1024, dk=64) is None
     assert look(1024, kernel="bwd") is None
-    assert look(1024, gpu="NVIDIA H200") is None
     assert look(1024, dtype="fp16") is None
     assert look(1024, variant="other") is None
     assert look(1024, arch="sm80") is None
+    assert look(1024, arch="sm80", gpu="NVIDIA A100") is None  # another arch's GPU never serves
+
+
+def test_another_gpu_of_the_same_arch_serves_a_miss(store, monkeypatch):
+    monkeypatch.setattr(configs, "_warned_sibling", set())
+    configs.record(key(1024, gpu="GPU A"), params(16), 1.0, 5)
+    configs.record(key(1024, gpu="GPU B"), params(32), 1.0, 5)
+    configs.record(key(8192, gpu="GPU B"), params(64), 1.0, 5)
+    with pytest.warns(ConfigStoreWarning, match="using those tuned on GPU B"):
+        assert look(1024, gpu="NVIDIA H200")["C"] == 32   # B has more buckets
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # said once
+        assert look(8192, gpu="NVIDIA H200")["C"] == 64
+        assert look(1024, gpu="GPU A")["C"] == 16          # a GPU's own entries win
+        assert look(1024, gpu="NVIDIA H200", dtype="fp16") is None  # the rest of the key still has to match
 
 
 def test_lookup_returns_a_copy(store):
