@@ -127,7 +127,8 @@ def cmd_tune(args) -> int:
         base = f"{r['default_ms']:10.4f}" if r["default_ms"] else f"{'-':>10s}"
         gain = f"{r['default_ms'] / r['ms']:6.2f}x" if r["default_ms"] else f"{'-':>7s}"
         tried = f"{r['trials']} ({r['failed']} failed, {r['wrong']} wrong)"
-        print(f"{head} {base} {r['ms']:9.4f} {gain}  {tried}  {r['params']}")
+        pieces = f"  (as pieces of {r['walked']}: entry of bucket {r['key'].n_bucket})" if r["walked"] != r["n"] else ""
+        print(f"{head} {base} {r['ms']:9.4f} {gain}  {tried}  {r['params']}{pieces}")
     store = directory or configs.user_dir()
     print(f"{sum(r['recorded'] for r in results)} new or faster entries recorded in {store}")
     if len(results) < len(seqlens) * len(dtypes) * len(kernels):

@@ -1,8 +1,8 @@
 """Launch parameters for one kernel call: a tuned entry when tuned_configs has one, else a heuristic.
 
 Parameters: C (chunk length), BK / BV (head-dim tile of the output), num_warps, num_stages.
-N is never a compile-time constant: a new sequence length picks a tuned entry by N bucket and
-reuses the compiled kernel.
+N is never a compile-time constant: a new sequence length picks a tuned entry by N bucket (the length a
+program walks: a piece's, under sequence splitting) and reuses the compiled kernel.
 
 Order of precedence in params():
   1. an override (`with launch.override(p): ...`), used by the tuner to time one config;
@@ -260,6 +260,13 @@ def segments(variant, shape, dtype, device) -> int:
     while pairs * pieces < target and n % (2 * pieces) == 0 and n // (2 * pieces) >= 1024:
         pieces *= 2
     return pieces
+
+
+def walked_length(variant, shape, dtype, device) -> int:
+    """The sequence length each program walks for inputs of `shape` [B, N, H, D]: N, or a piece's under
+    sequence splitting. Tuned entries are keyed and looked up by its bucket: 16K split into 4 pieces
+    launches as 4K does, and takes the 4K entries."""
+    return shape[1] // segments(variant, shape, dtype, device)
 
 
 _SMS: dict = {}

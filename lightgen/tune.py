@@ -157,8 +157,11 @@ def _tune_study(optuna, store, worker, variant, kernel, dtype, n, env, bar) -> d
     from optuna.trial import TrialState
 
     b = max(1, env["tokens"] // n)
+    # keyed by the length the kernels walk, as lookups are: a split sequence launches as pieces
+    walked = launch.walked_length(variant, (b, n, env["heads"], variant.dk), configs.torch_dtype(dtype),
+                                  torch.device(env["device"]))
     key = configs.ConfigKey(env["arch"], env["gpu"], env["triton"], render.source_key(variant), kernel, variant.dk, variant.dv,
-                            dtype, configs.n_bucket(n))
+                            dtype, configs.n_bucket(walked))
     default = launch.heuristic(variant, kernel, interpreted=env["interpreted"])
     dists = space(optuna, variant, kernel, default)
     mine = {name: default[name] for name in dists}
@@ -172,7 +175,7 @@ def _tune_study(optuna, store, worker, variant, kernel, dtype, n, env, bar) -> d
     if not any(t.params == mine for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
                                                                                        TrialState.WAITING))):
         study.enqueue_trial(mine)  # the heuristic default: the baseline to beat, and trial 0
-    result = {"key": key, "kernel": kernel, "dtype": dtype, "n": n, "default": default, "recorded": False}
+    result = {"key": key, "kernel": kernel, "dtype": dtype, "n": n, "walked": walked, "default": default, "recorded": False}
 
     request = dict(spec=variant.canonical(), kernel=kernel, dtype=dtype, n=n, b=b, h=env["heads"],
                    default=default, params=None)

@@ -156,6 +156,17 @@ def test_dry_run_records_and_resumes(tmp_path, optuna, monkeypatch):
     assert [t.number for t in trials_of(optuna, tmp_path / "tune" / "studies.journal")] == [0, 1, 2, 3]
 
 
+def test_split_lengths_are_keyed_by_the_pieces_they_launch(tmp_path, optuna, monkeypatch):
+    # on the GPU a long sequence with few (batch, head) pairs launches as pieces (launch.segments), and
+    # lookups go by a piece's length: the tuner must record under that bucket, not the sequence's
+    from lightgen import tune
+
+    monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: 4 if shape[1] >= 64 else 1)
+    results = dry_run(tmp_path, seqlens=(64,), kernels=("fwd",), trials=1)
+    assert [(r["n"], r["walked"], r["key"].n_bucket) for r in results] == [(64, 16, 16)]
+    assert {k.n_bucket for k, _ in configs.entries(tmp_path / "store")} == {16}
+
+
 @pytest.mark.parametrize("fault, reason", [("exit", "worker process died (exit code 70)"),
                                            ("raise", "injected fault"), ("wrong", "wrong result")])
 def test_failing_trials_are_recorded_as_failed(tmp_path, optuna, monkeypatch, fault, reason):
