@@ -159,8 +159,6 @@ def test_dry_run_records_and_resumes(tmp_path, optuna, monkeypatch):
 def test_split_lengths_are_keyed_by_the_pieces_they_launch(tmp_path, optuna, monkeypatch):
     # on the GPU a long sequence with few (batch, head) pairs launches as pieces (launch.segments), and
     # lookups go by a piece's length: the tuner must record under that bucket, not the sequence's
-    from lightgen import tune
-
     monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: 4 if shape[1] >= 64 else 1)
     results = dry_run(tmp_path, seqlens=(64,), kernels=("fwd",), trials=1)
     assert [(r["n"], r["walked"], r["key"].n_bucket) for r in results] == [(64, 16, 16)]
