@@ -88,7 +88,7 @@ def _no_cuda(command: str) -> ValueError:
 def cmd_tune(args) -> int:
     import torch
 
-    from . import configs, tune
+    from . import configs, launch, tune
     from .spec import Variant
 
     variant = Variant.parse(args.spec)
@@ -121,6 +121,9 @@ def cmd_tune(args) -> int:
     print(f"{'kernel':7s} {'dtype':5s} {'N':>6s} {'default ms':>10s} {'best ms':>9s} {'speedup':>7s}  trials  params")
     for r in results:
         head = f"{r['kernel']:7s} {r['dtype']:5s} {r['n']:6d}"
+        if "same_as" in r:
+            print(f"{head}  launches as N={r['same_as']} does (pieces of {r['walked']}): that study's entry serves")
+            continue
         if "ms" not in r:
             print(f"{head}  {r['error']}")
             continue
@@ -131,9 +134,9 @@ def cmd_tune(args) -> int:
         print(f"{head} {base} {r['ms']:9.4f} {gain}  {tried}  {r['params']}{pieces}")
     store = directory or configs.user_dir()
     print(f"{sum(r['recorded'] for r in results)} new or faster entries recorded in {store}")
-    if len(results) < len(seqlens) * len(dtypes) * len(kernels):
+    if len(results) < len(seqlens) * len(dtypes) * len([k for k in kernels if k in launch.kernels(variant)]):
         print("time budget reached before every study ran: run the same command again to resume")
-    return 0 if all("ms" in r for r in results) else 1
+    return 0 if all("ms" in r or "same_as" in r for r in results) else 1
 
 
 def cmd_bench(args) -> int:

@@ -120,7 +120,7 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
                interpreted=device.type != "cuda", directory=directory, deadline=time.monotonic() + time_budget_s)
     path = Path(storage) if storage else Path(out_dir) / "studies.journal" if out_dir else default_storage()
     kernels = [k for k in kernels if k in launch.kernels(variant)]  # decay=vector: no bwd_dkv
-    studies = [(d, n, k) for d in dtypes for n in seqlens for k in kernels]  # inputs are shared per (d, n)
+    studies, repeats = _distinct_launches(variant, dtypes, seqlens, kernels, tokens, env["heads"], device)
 
     from tqdm.auto import tqdm
 
@@ -133,19 +133,39 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # journal storage on 3.x
             store = _journal(optuna, path)
         with tqdm(total=len(studies), desc="tune", unit="study", disable=not progress) as bar:
-            for dtype, n, kernel in studies:
+            for dtype, n, walked, kernel in studies:
                 if time.monotonic() >= env["deadline"]:
                     bar.write(f"time budget reached: {len(studies) - len(results)} studies left; "
                               f"run again to resume (journal {path})")
                     break
                 bar.set_description(f"tune {kernel} {dtype} N={n}")
-                result = _tune_study(optuna, store, worker, variant, kernel, dtype, n, env, bar)
+                result = _tune_study(optuna, store, worker, variant, kernel, dtype, n, walked, env, bar)
                 results.append(result)
                 bar.update()
     finally:
         worker.stop()
         optuna.logging.set_verbosity(verbosity)
-    return results
+    return results + repeats
+
+
+def _distinct_launches(variant, dtypes, seqlens, kernels, tokens, heads, device) -> tuple[list, list]:
+    """(studies, repeats): a study (dtype, N, walked length, kernel) per distinct launch, and a result for
+    each N whose launches repeat an earlier N's. With tokens fixed, a split sequence launches as B * P
+    sequences of its pieces: at D = 128 on an H100, 16K, 32K and 64K all launch as 4K does, and the 4K
+    entries serve them (lookups go by the walked length), so they are tuned once."""
+    studies, repeats, first = [], [], {}
+    for dtype in dtypes:
+        for n in seqlens:
+            b = max(1, tokens // n)
+            walked = launch.walked_length(variant, (b, n, heads, variant.dk), configs.torch_dtype(dtype), device)
+            shape = (dtype, walked, b * (n // walked))  # what the kernels see: rows of walked tokens
+            if shape in first:
+                repeats += [{"kernel": k, "dtype": dtype, "n": n, "walked": walked, "same_as": first[shape],
+                             "recorded": False} for k in kernels]
+                continue
+            first[shape] = n
+            studies += [(dtype, n, walked, k) for k in kernels]  # inputs are shared per (dtype, n)
+    return studies, repeats
 
 
 def _study_name(key: configs.ConfigKey, n: int, b: int, h: int) -> str:
@@ -153,13 +173,11 @@ def _study_name(key: configs.ConfigKey, n: int, b: int, h: int) -> str:
             f"{key.arch}:{key.gpu}:triton{key.triton}")
 
 
-def _tune_study(optuna, store, worker, variant, kernel, dtype, n, env, bar) -> dict:
+def _tune_study(optuna, store, worker, variant, kernel, dtype, n, walked, env, bar) -> dict:
     from optuna.trial import TrialState
 
     b = max(1, env["tokens"] // n)
     # keyed by the length the kernels walk, as lookups are: a split sequence launches as pieces
-    walked = launch.walked_length(variant, (b, n, env["heads"], variant.dk), configs.torch_dtype(dtype),
-                                  torch.device(env["device"]))
     key = configs.ConfigKey(env["arch"], env["gpu"], env["triton"], render.source_key(variant), kernel, variant.dk, variant.dv,
                             dtype, configs.n_bucket(walked))
     default = launch.heuristic(variant, kernel, interpreted=env["interpreted"])

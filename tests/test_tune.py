@@ -165,6 +165,16 @@ def test_split_lengths_are_keyed_by_the_pieces_they_launch(tmp_path, optuna, mon
     assert {k.n_bucket for k, _ in configs.entries(tmp_path / "store")} == {16}
 
 
+def test_lengths_that_launch_alike_are_tuned_once(tmp_path, optuna, monkeypatch):
+    # tokens fixed at 64: 32 x 2 unsplit and 64 x 1 in 2 pieces both launch 2 rows of 32 tokens
+    monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: max(1, shape[1] // 32))
+    results = dry_run(tmp_path, seqlens=(16, 32, 64), kernels=("fwd", "bwd_dq"), trials=1, tokens=64)
+    studied = sorted((r["n"], r["kernel"]) for r in results if "ms" in r)
+    assert studied == [(16, "bwd_dq"), (16, "fwd"), (32, "bwd_dq"), (32, "fwd")]
+    assert sorted((r["n"], r["same_as"]) for r in results if "same_as" in r) == [(64, 32), (64, 32)]
+    assert {k.n_bucket for k, _ in configs.entries(tmp_path / "store")} == {16, 32}
+
+
 @pytest.mark.parametrize("fault, reason", [("exit", "worker process died (exit code 70)"),
                                            ("raise", "injected fault"), ("wrong", "wrong result")])
 def test_failing_trials_are_recorded_as_failed(tmp_path, optuna, monkeypatch, fault, reason):
