@@ -117,7 +117,8 @@ def cmd_tune(args) -> int:
     directory = configs.shipped_dir() if args.commit else None
     results = tune.tune(variant, seqlens=seqlens, dtypes=dtypes, kernels=kernels, device=device, tokens=tokens,
                         hidden=hidden, trials=args.trials or (3 if dry else 40), time_budget_s=args.time_budget,
-                        storage=args.storage, directory=directory, seed=args.seed, trial_timeout_s=args.trial_timeout)
+                        storage=args.storage, directory=directory, seed=args.seed, trial_timeout_s=args.trial_timeout,
+                        jobs=args.jobs)
     print(f"{'kernel':7s} {'dtype':5s} {'N':>6s} {'default ms':>10s} {'best ms':>9s} {'speedup':>7s}  trials  params")
     for r in results:
         head = f"{r['kernel']:7s} {r['dtype']:5s} {r['n']:6d}"
@@ -235,6 +236,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--storage", metavar="PATH",
                    help="Optuna journal file (default ~/.cache/lightgen/tune/studies.journal)")
     t.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default 0)")
+    t.add_argument("--jobs", type=int, default=1, metavar="J",
+                   help="compile every config of the space first in J processes at once (default 1: none)")
     t.add_argument("--commit", action="store_true",
                    help="record into the repo's tuned_configs/ (to commit) instead of the user store")
     t.set_defaults(fn=cmd_tune)

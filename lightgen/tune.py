@@ -82,8 +82,12 @@ def space(optuna, variant, kernel: str, default: dict) -> dict:
 
 def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=2048, trials=40,
          time_budget_s=4 * 3600.0, storage=None, out_dir=None, directory=None, kernels=KERNELS,
-         device="cuda", seed=0, trial_timeout_s=300.0, progress=True) -> list[dict]:
+         device="cuda", seed=0, trial_timeout_s=300.0, progress=True, jobs=1) -> list[dict]:
     """Tune every (kernel, dtype, N) of a variant; record the best configs; return one dict per study.
+
+    jobs > 1: first compile every config of every study's space in that many processes at once (each
+    launches it once; Triton's disk cache keeps the binaries), so that the trial worker, which runs
+    one trial at a time, only times. Compiling is most of a trial's cost the first time a config runs.
 
     trials: finished trials per study (across resumed runs); time_budget_s: wall clock of this call
     (the trial in flight finishes; the rest is left for a later call). storage: the journal file,
@@ -113,6 +117,8 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
         raise ValueError(f"tune: seqlens must be positive ints, got {seqlens!r}")
     if type(trials) is not int or trials < 1:
         raise ValueError(f"tune: trials must be an int >= 1, got {trials!r}")
+    if type(jobs) is not int or jobs < 1:
+        raise ValueError(f"tune: jobs must be an int >= 1, got {jobs!r}")
 
     arch, gpu = configs.current_arch(device)
     env = dict(arch=arch, gpu=gpu, triton=configs.triton_version(), device=str(device),
@@ -127,6 +133,8 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would drown the bar
     results = []
+    if jobs > 1 and studies:
+        env["warmed"] = warm_up(optuna, variant, studies, env, jobs, progress)
     worker = _Worker(str(device), trial_timeout_s)
     try:
         with warnings.catch_warnings():
@@ -267,6 +275,63 @@ def _summarise(study, key, default, mine, env, result) -> dict:
     return result
 
 
+# ---- compiling ahead, in parallel ------------------------------------------------------------------
+
+def warm_up(optuna, variant, studies, env, jobs, progress=True) -> dict:
+    """Launch every config of every study's space once, spread over `jobs` child processes; returns
+    {"launched", "failed", "seconds"}. Best effort: a config that fails here fails again as a trial, and
+    a child that dies or overruns the time budget takes only its own share with it."""
+    import itertools
+
+    requests = []
+    for dtype, n, _, kernel in studies:
+        default = launch.heuristic(variant, kernel, interpreted=env["interpreted"])
+        dists = space(optuna, variant, kernel, default)
+        for values in itertools.product(*(d.choices for d in dists.values())):
+            requests.append(dict(spec=variant.canonical(), kernel=kernel, dtype=dtype, n=n, b=max(1, env["tokens"] // n),
+                                 h=env["heads"], default=default, params={**default, **dict(zip(dists, values))}))
+    # each child takes whole (dtype, N) groups in turn, so that it builds each case's inputs few times
+    requests.sort(key=lambda r: (r["dtype"], r["n"], r["kernel"]))
+    ctx = multiprocessing.get_context("spawn")
+    counts = ctx.Queue()
+    shards = [requests[i::jobs] for i in range(jobs)]
+    procs = [ctx.Process(target=_warm_main, args=(shard, env["device"], counts), name="lightgen-tune-warm-up")
+             for shard in shards if shard]
+    start = time.monotonic()
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=max(0.0, env["deadline"] - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    launched = failed = 0
+    while not counts.empty():
+        ok, bad = counts.get()
+        launched, failed = launched + ok, failed + bad
+    seconds = time.monotonic() - start
+    if progress:
+        print(f"warm-up: {launched} configs launched ({failed} failed) in {seconds:.0f} s, {len(procs)} processes")
+    return {"launched": launched, "failed": failed, "seconds": seconds}
+
+
+def _warm_main(requests, device: str, counts) -> None:
+    """Child of warm_up: launch each request's config once (compiling it), then report (launched, failed)."""
+    _choose_backend(device)
+    cases: dict = {}
+    launched = failed = 0
+    for request in requests:
+        try:
+            kernel = _case(request, cases, torch.device(device)).kernel(request["kernel"], request["default"])
+            kernel._run(request["params"])
+            launched += 1
+        except Exception:  # noqa: BLE001 - a bad config is the trial's to report
+            failed += 1
+            if not _healthy(device):
+                break  # the rest of this share would fail too; the trial worker compiles them
+    counts.put((launched, failed))
+
+
 # ---- the worker process ---------------------------------------------------------------------------
 
 class _Worker:
@@ -325,13 +390,7 @@ class _Worker:
 
 def _worker_main(conn, device: str) -> None:
     """Child: serve requests until the pipe closes or a failure leaves its CUDA context unusable."""
-    # the interpreter is chosen when kernel modules are imported, which happens only below
-    if device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-        os.environ.pop("LIGHTGEN_CPU_REFERENCE", None)  # the reference path launches no kernels
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
-        torch.cuda.set_device(torch.device(device))
+    _choose_backend(device)
     conn.send({"ready": True})
     cases: dict = {}
     while True:
@@ -348,6 +407,16 @@ def _worker_main(conn, device: str) -> None:
             return
 
 
+def _choose_backend(device: str) -> None:
+    """In a child, before any kernel module is imported (that is when the interpreter is chosen)."""
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ.pop("LIGHTGEN_CPU_REFERENCE", None)  # the reference path launches no kernels
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+        torch.cuda.set_device(torch.device(device))
+
+
 def _healthy(device: str) -> bool:
     """False when the CUDA context is poisoned (e.g. after an illegal memory access)."""
     if device == "cpu":
@@ -359,14 +428,19 @@ def _healthy(device: str) -> bool:
         return False
 
 
-def _serve(request: dict, cases: dict, device: torch.device) -> dict:
+def _case(request: dict, cases: dict, device: torch.device) -> "_Case":
+    """The request's inputs and captured launches, built once while consecutive requests share them."""
     case_key = tuple(request[k] for k in ("spec", "dtype", "n", "b", "h"))
     if case_key not in cases:
         cases.clear()  # one case at a time: inputs at N=64K are big
         if device.type == "cuda":
             torch.cuda.empty_cache()
         cases[case_key] = _Case(*case_key, device)
-    kernel = cases[case_key].kernel(request["kernel"], request["default"])
+    return cases[case_key]
+
+
+def _serve(request: dict, cases: dict, device: torch.device) -> dict:
+    kernel = _case(request, cases, device).kernel(request["kernel"], request["default"])
     params = request["params"]
     if params is None:
         return {}

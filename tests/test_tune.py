@@ -175,6 +175,19 @@ def test_lengths_that_launch_alike_are_tuned_once(tmp_path, optuna, monkeypatch)
     assert {k.n_bucket for k, _ in configs.entries(tmp_path / "store")} == {16, 32}
 
 
+def test_warm_up_compiles_the_whole_space_in_parallel(tmp_path, optuna, capsys):
+    from lightgen import tune
+
+    results = dry_run(tmp_path, seqlens=(32,), kernels=("fwd", "bwd_dq"), trials=1, jobs=2, progress=True)
+    assert all("ms" in r for r in results)
+    variant = Variant.parse(SPEC)
+    points = 0
+    for kernel in ("fwd", "bwd_dq"):
+        dists = tune.space(optuna, variant, kernel, launch.heuristic(variant, kernel, True))
+        points += math.prod(len(d.choices) for d in dists.values())
+    assert f"warm-up: {points} configs launched (0 failed)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("fault, reason", [("exit", "worker process died (exit code 70)"),
                                            ("raise", "injected fault"), ("wrong", "wrong result")])
 def test_failing_trials_are_recorded_as_failed(tmp_path, optuna, monkeypatch, fault, reason):
