@@ -20,6 +20,7 @@ trials per study across runs. Run one tuner per journal file at a time.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing
 import os
@@ -281,8 +282,6 @@ def warm_up(optuna, variant, studies, env, jobs, progress=True) -> dict:
     """Launch every config of every study's space once, spread over `jobs` child processes; returns
     {"launched", "failed", "seconds"}. Best effort: a config that fails here fails again as a trial, and
     a child that dies or overruns the time budget takes only its own share with it."""
-    import itertools
-
     requests = []
     for dtype, n, _, kernel in studies:
         default = launch.heuristic(variant, kernel, interpreted=env["interpreted"])
@@ -290,7 +289,8 @@ def warm_up(optuna, variant, studies, env, jobs, progress=True) -> dict:
         for values in itertools.product(*(d.choices for d in dists.values())):
             requests.append(dict(spec=variant.canonical(), kernel=kernel, dtype=dtype, n=n, b=max(1, env["tokens"] // n),
                                  h=env["heads"], default=default, params={**default, **dict(zip(dists, values))}))
-    # each child takes whole (dtype, N) groups in turn, so that it builds each case's inputs few times
+    # dealt out in order: each child meets one (dtype, N, kernel)'s configs one after another and builds
+    # that case's inputs and reference outputs once
     requests.sort(key=lambda r: (r["dtype"], r["n"], r["kernel"]))
     ctx = multiprocessing.get_context("spawn")
     counts = ctx.Queue()
@@ -306,8 +306,8 @@ def warm_up(optuna, variant, studies, env, jobs, progress=True) -> dict:
             proc.kill()
             proc.join()
     launched = failed = 0
-    while not counts.empty():
-        ok, bad = counts.get()
+    for _ in range(sum(proc.exitcode == 0 for proc in procs)):  # a killed child reports nothing
+        ok, bad = counts.get(timeout=60)
         launched, failed = launched + ok, failed + bad
     seconds = time.monotonic() - start
     if progress:
