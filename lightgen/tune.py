@@ -135,7 +135,7 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would drown the bar
     results = []
     if jobs > 1 and studies:
-        env["warmed"] = warm_up(optuna, variant, studies, env, jobs, progress)
+        warm_up(optuna, variant, studies, env, jobs, progress)
     worker = _Worker(str(device), trial_timeout_s)
     try:
         with warnings.catch_warnings():
