@@ -28,6 +28,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -142,13 +143,13 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # journal storage on 3.x
             store = _journal(optuna, path)
         with tqdm(total=len(studies), desc="tune", unit="study", disable=not progress) as bar:
-            for dtype, n, walked, kernel in studies:
+            for study in studies:
                 if time.monotonic() >= env["deadline"]:
                     bar.write(f"time budget reached: {len(studies) - len(results)} studies left; "
                               f"run again to resume (journal {path})")
                     break
-                bar.set_description(f"tune {kernel} {dtype} N={n}")
-                result = _tune_study(optuna, store, worker, variant, kernel, dtype, n, walked, env, bar)
+                bar.set_description(f"tune {study.kernel} {study.dtype} N={study.n}")
+                result = _tune_study(optuna, store, worker, variant, study, env, bar)
                 results.append(result)
                 bar.update()
     finally:
@@ -157,8 +158,22 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
     return results + repeats
 
 
+class _Study(NamedTuple):
+    """One study: a kernel's launches for inputs [b, n, heads, d] in dtype, whose programs walk `walked` tokens."""
+    dtype: str
+    n: int
+    b: int
+    walked: int
+    kernel: str
+
+    def request(self, variant, env, default, params=None) -> dict:
+        """What the worker (or a warm-up child) needs to build this study's case and run one config."""
+        return dict(spec=variant.canonical(), kernel=self.kernel, dtype=self.dtype, n=self.n, b=self.b,
+                    h=env["heads"], default=default, params=params)
+
+
 def _distinct_launches(variant, dtypes, seqlens, kernels, tokens, heads, device) -> tuple[list, list]:
-    """(studies, repeats): a study (dtype, N, walked length, kernel) per distinct launch, and a result for
+    """(studies, repeats): a _Study per kernel of each distinct launch, and a result for
     each N whose launches repeat an earlier N's. With tokens fixed, a split sequence launches as B * P
     sequences of its pieces: at D = 128 on an H100, 16K, 32K and 64K all launch as 4K does, and the 4K
     entries serve them (lookups go by the walked length), so they are tuned once."""
@@ -173,7 +188,7 @@ def _distinct_launches(variant, dtypes, seqlens, kernels, tokens, heads, device)
                              "recorded": False} for k in kernels]
                 continue
             first[shape] = n
-            studies += [(dtype, n, walked, k) for k in kernels]  # inputs are shared per (dtype, n)
+            studies += [_Study(dtype, n, b, walked, k) for k in kernels]  # inputs are shared per (dtype, n)
     return studies, repeats
 
 
@@ -182,10 +197,10 @@ def _study_name(key: configs.ConfigKey, n: int, b: int, h: int) -> str:
             f"{key.arch}:{key.gpu}:triton{key.triton}")
 
 
-def _tune_study(optuna, store, worker, variant, kernel, dtype, n, walked, env, bar) -> dict:
+def _tune_study(optuna, store, worker, variant, plan: _Study, env, bar) -> dict:
     from optuna.trial import TrialState
 
-    b = max(1, env["tokens"] // n)
+    kernel, dtype, n, walked = plan.kernel, plan.dtype, plan.n, plan.walked
     # keyed by the length the kernels walk, as lookups are: a split sequence launches as pieces
     key = configs.ConfigKey(env["arch"], env["gpu"], env["triton"], render.source_key(variant), kernel, variant.dk, variant.dv,
                             dtype, configs.n_bucket(walked))
@@ -195,7 +210,7 @@ def _tune_study(optuna, store, worker, variant, kernel, dtype, n, walked, env, b
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate TPE on 3.x
         sampler = optuna.samplers.TPESampler(seed=env["seed"], multivariate=True)
-    study = optuna.create_study(study_name=_study_name(key, n, b, env["heads"]), storage=store, sampler=sampler,
+    study = optuna.create_study(study_name=_study_name(key, n, plan.b, env["heads"]), storage=store, sampler=sampler,
                                 direction="minimize", load_if_exists=True)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)  # left running by an interrupted tune (see module doc)
@@ -204,8 +219,7 @@ def _tune_study(optuna, store, worker, variant, kernel, dtype, n, walked, env, b
         study.enqueue_trial(mine)  # the heuristic default: the baseline to beat, and trial 0
     result = {"key": key, "kernel": kernel, "dtype": dtype, "n": n, "walked": walked, "default": default, "recorded": False}
 
-    request = dict(spec=variant.canonical(), kernel=kernel, dtype=dtype, n=n, b=b, h=env["heads"],
-                   default=default, params=None)
+    request = plan.request(variant, env, default)
     finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
     if len(study.get_trials(deepcopy=False, states=finished)) < env["trials"]:
         # inputs, captured launches and the default's outputs (compiles: more time than a trial)
@@ -283,12 +297,11 @@ def warm_up(optuna, variant, studies, env, jobs, progress=True) -> dict:
     {"launched", "failed", "seconds"}. Best effort: a config that fails here fails again as a trial, and
     a child that dies or overruns the time budget takes only its own share with it."""
     requests = []
-    for dtype, n, _, kernel in studies:
-        default = launch.heuristic(variant, kernel, interpreted=env["interpreted"])
-        dists = space(optuna, variant, kernel, default)
+    for study in studies:
+        default = launch.heuristic(variant, study.kernel, interpreted=env["interpreted"])
+        dists = space(optuna, variant, study.kernel, default)
         for values in itertools.product(*(d.choices for d in dists.values())):
-            requests.append(dict(spec=variant.canonical(), kernel=kernel, dtype=dtype, n=n, b=max(1, env["tokens"] // n),
-                                 h=env["heads"], default=default, params={**default, **dict(zip(dists, values))}))
+            requests.append(study.request(variant, env, default, {**default, **dict(zip(dists, values))}))
     # dealt out in order: each child meets one (dtype, N, kernel)'s configs one after another and builds
     # that case's inputs and reference outputs once
     requests.sort(key=lambda r: (r["dtype"], r["n"], r["kernel"]))
