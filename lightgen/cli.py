@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 BENCH_NAMES = ("lightgen", "fla", "lightning_attn", "sdpa")
 SPEC_HELP = ("variant spec, e.g. 'decay=constant,causal,lrpe=d,phi=silu,dk=128,dv=128' "
@@ -115,6 +116,7 @@ def cmd_tune(args) -> int:
     tokens = args.tokens or (128 if dry else 65536)
     hidden = args.hidden or (2 * max(variant.dk, variant.dv) if dry else 2048)
     directory = configs.shipped_dir() if args.commit else None
+    start = time.monotonic()
     results = tune.tune(variant, seqlens=seqlens, dtypes=dtypes, kernels=kernels, device=device, tokens=tokens,
                         hidden=hidden, trials=args.trials or (3 if dry else 40), time_budget_s=args.time_budget,
                         storage=args.storage, directory=directory, seed=args.seed, trial_timeout_s=args.trial_timeout,
@@ -130,11 +132,12 @@ def cmd_tune(args) -> int:
             continue
         base = f"{r['default_ms']:10.4f}" if r["default_ms"] else f"{'-':>10s}"
         gain = f"{r['default_ms'] / r['ms']:6.2f}x" if r["default_ms"] else f"{'-':>7s}"
-        tried = f"{r['trials']} ({r['failed']} failed, {r['wrong']} wrong)"
+        tried = f"{r['trials']} ({r['screened']} screened, {r['failed']} failed, {r['wrong']} wrong; {r['seconds']:.0f} s)"
         pieces = f"  (as pieces of {r['walked']}: entry of bucket {r['key'].n_bucket})" if r["walked"] != r["n"] else ""
         print(f"{head} {base} {r['ms']:9.4f} {gain}  {tried}  {r['params']}{pieces}")
     store = directory or configs.user_dir()
-    print(f"{sum(r['recorded'] for r in results)} new or faster entries recorded in {store}")
+    print(f"{sum(r['recorded'] for r in results)} new or faster entries recorded in {store}; "
+          f"{sum('seconds' in r for r in results)} studies in {time.monotonic() - start:.0f} s")
     if len(results) < len(seqlens) * len(dtypes) * len([k for k in kernels if k in launch.kernels(variant)]):
         print("time budget reached before every study ran: run the same command again to resume")
     return 0 if all("ms" in r or "same_as" in r for r in results) else 1

@@ -387,7 +387,7 @@ def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segm
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
     module, own, decays = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset, segments, every=False)
-    received = split.scan(module, own, decays, h0)  # (the last piece's own state is not needed)
+    received = split.scan(module, own, decays, segments, n // segments, h0)  # (the last piece's own state is not needed)
     y, ht, o = _forward_pass(variant, pieces(q), pieces(k), pieces(v), piece_decay, theta, received, offset, final,
                              segments, None, pieces(u))
     whole = functools.partial(_whole, b=b, n=n)
@@ -402,7 +402,7 @@ def _whole(t, b, n):
 
 def _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments, every=True):
     """A state pass of the pieces module over each sequence's `segments` pieces: (the module, one state per
-    piece and head [B * P, H, F, dv] fp32, the pieces' log decays d [B, P, H]). kernel: fwd_state
+    piece and head [B * P, H, F, dv] fp32, the pieces' log decays as split.scan takes them). kernel: fwd_state
     (x, y = k, v) or bwd_state (q, dO). every=False: not for the piece whose state the scan never uses (each
     sequence's last under fwd_state, first under bwd_state; its slot is left empty), 1 / P less to read."""
     module = build.load(variant, "pieces")
@@ -412,7 +412,7 @@ def _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments, eve
     skip = not every and segments > 1
     _launch(module, variant, kernel, pieces(x), "BV", (pieces(x), pieces(y), states, piece_decay, theta), offset,
             segments, batch=x.shape[0] * (segments - 1) if skip else None, HAS_FINAL=True, SKIP=skip)
-    return module, states, split.piece_log_decays(variant, log_decay, x.shape, segments, x.device)
+    return module, states, split.scan_log_decays(variant, log_decay, x.shape, segments)
 
 
 def _chunk_state_pass(variant, kernel, x, y, log_decay, theta, offset, segments):
@@ -422,14 +422,8 @@ def _chunk_state_pass(variant, kernel, x, y, log_decay, theta, offset, segments)
     module, own, decays = _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments)
     if segments == 1:
         return own
-    b = x.shape[0]
-    by_piece = own.view(b, segments, *own.shape[1:])
-    rows = own.shape[-2]
-    if kernel == "fwd_state":  # E_(P-1) = exp(d_(P-1)) E_(P-2) + own_(P-1)
-        before = split.scan(module, own, decays).view_as(by_piece)[:, -1]
-        return split.state_factor(decays[:, -1], rows) * before + by_piece[:, -1]
-    after = split.scan(module, own, decays, reverse=True).view_as(by_piece)[:, 0]  # dE_0
-    return split.state_factor(decays[:, 0], rows) * after + by_piece[:, 0]
+    # where the scan ends: the state after the last piece (fwd_state), the gradient of the one before the first
+    return split.scan(module, own, decays, segments, x.shape[1] // segments, reverse=kernel == "bwd_state", last=True)[1]
 
 
 def _reference_state_pass(variant, kernel, x, y, log_decay, theta, offset):
@@ -476,7 +470,7 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
     pieces_module, own, decays = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset, segments,
                                                every=False)
-    sent = split.scan(pieces_module, own, decays, dht, reverse=True)
+    sent = split.scan(pieces_module, own, decays, segments, n // segments, dht, reverse=True)
     after = None
     if variant.learned_decay:  # the state after each piece, for dg (the sequence's last: ht, needed only with dht)
         last = ht[:, None] if dht is not None else torch.zeros_like(by_piece(received)[:, :1])

@@ -44,6 +44,10 @@ CHUNKS, TILES, WARPS, STAGES = (16, 32, 64), (32, 64, 128), (4, 8), (2, 3)
 # largest relative error (Frobenius) of a trial's outputs against the default config's: configs only
 # reorder fp32 sums, a miscompile is off by O(1) or leaves NaN (outputs are NaN-filled before a run)
 AGREE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2}
+# screening: a trial first gets a short measurement; one SCREEN times slower than the study's best so far
+# keeps that figure (it cannot win) instead of a full one. Most of a space is that slow: the full
+# measurement is kept for the contenders
+SCREEN = 1.2
 STARTUP_TIMEOUT_S = 300.0  # a fresh worker importing torch and Triton; compiling the default config
 
 
@@ -137,6 +141,7 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
     results = []
     if jobs > 1 and studies:
         warm_up(optuna, variant, studies, env, jobs, progress)
+    found: dict[tuple, dict] = {}  # (kernel, dtype) -> the best params of its latest study: the next length's first guess
     worker = _Worker(str(device), trial_timeout_s)
     try:
         with warnings.catch_warnings():
@@ -149,7 +154,10 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
                               f"run again to resume (journal {path})")
                     break
                 bar.set_description(f"tune {study.kernel} {study.dtype} N={study.n}")
-                result = _tune_study(optuna, store, worker, variant, study, env, bar)
+                result = _tune_study(optuna, store, worker, variant, study, env, bar,
+                                     hints=[found[p] for p in [(study.kernel, study.dtype)] if p in found])
+                if "params" in result:
+                    found[study.kernel, study.dtype] = result["params"]
                 results.append(result)
                 bar.update()
     finally:
@@ -197,9 +205,13 @@ def _study_name(key: configs.ConfigKey, n: int, b: int, h: int) -> str:
             f"{key.arch}:{key.gpu}:triton{key.triton}")
 
 
-def _tune_study(optuna, store, worker, variant, plan: _Study, env, bar) -> dict:
+def _tune_study(optuna, store, worker, variant, plan: _Study, env, bar, hints=()) -> dict:
+    """hints: params to try right after the default (the best of this kernel at the previous length:
+    neighbouring lengths mostly share their best config, and a good best early makes screening cut
+    more), besides the entry recorded for this key, if any."""
     from optuna.trial import TrialState
 
+    start = time.monotonic()
     kernel, dtype, n, walked = plan.kernel, plan.dtype, plan.n, plan.walked
     # keyed by the length the kernels walk, as lookups are: a split sequence launches as pieces
     key = configs.ConfigKey(env["arch"], env["gpu"], env["triton"], render.source_key(variant), kernel, variant.dk, variant.dv,
@@ -214,9 +226,15 @@ def _tune_study(optuna, store, worker, variant, plan: _Study, env, bar) -> dict:
                                 direction="minimize", load_if_exists=True)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)  # left running by an interrupted tune (see module doc)
-    if not any(t.params == mine for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                                                                       TrialState.WAITING))):
-        study.enqueue_trial(mine)  # the heuristic default: the baseline to beat, and trial 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", configs.ConfigStoreWarning)  # a hint from a sibling GPU needs no warning
+        recorded = configs.lookup_entry(key.arch, key.gpu, key.triton, key.variant, kernel, key.dk, key.dv, dtype, walked)
+    # the heuristic default first (the baseline to beat, trial 0), then the hints; each once per study
+    for guess in [default, *hints, *([recorded["params"]] if recorded else [])]:
+        guess = {name: guess[name] for name in dists}
+        if all(v in dists[name].choices for name, v in guess.items()) and not any(
+                t.params == guess for t in study.get_trials(deepcopy=False)):
+            study.enqueue_trial(guess)
     result = {"key": key, "kernel": kernel, "dtype": dtype, "n": n, "walked": walked, "default": default, "recorded": False}
 
     request = plan.request(variant, env, default)
@@ -240,15 +258,20 @@ def _tune_study(optuna, store, worker, variant, plan: _Study, env, bar) -> dict:
             study.tell(trial, before.value if before.state == TrialState.COMPLETE else None,
                        state=before.state if before.state != TrialState.COMPLETE else None)
         else:
-            reply = worker.run({**request, "params": {**default, **trial.params}})
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            beat = min((t.value for t in done), default=None)  # None: the default's trial, always measured in full
+            reply = worker.run({**request, "params": {**default, **trial.params}, "beat_ms": beat})
             if "ms" in reply:
                 trial.set_user_attr("rel_err", reply["rel_err"])
+                if reply.get("screened"):
+                    trial.set_user_attr("screened", True)
                 study.tell(trial, reply["ms"])
             else:
                 trial.set_user_attr("error", reply["error"])
                 study.tell(trial, state=TrialState.FAIL)
             seen[_frozen(trial.params)] = study.get_trials(deepcopy=False)[trial.number]
         _postfix(bar, study, mine)
+    result["seconds"] = time.monotonic() - start
     return _summarise(study, key, default, mine, env, result)
 
 
@@ -279,6 +302,7 @@ def _summarise(study, key, default, mine, env, result) -> dict:
     failed = [t for t in trials if t.state == TrialState.FAIL]
     result.update(trials=len([t for t in trials if t.state != TrialState.WAITING]), failed=len(failed),
                   wrong=sum("wrong result" in t.user_attrs.get("error", "") for t in failed),
+                  screened=sum(bool(t.user_attrs.get("screened")) for t in trials),
                   default_ms=_default_ms(study, mine))
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     if not done:
@@ -296,12 +320,14 @@ def warm_up(optuna, variant, studies, env, jobs, progress=True) -> dict:
     """Launch every config of every study's space once, spread over `jobs` child processes; returns
     {"launched", "failed", "seconds"}. Best effort: a config that fails here fails again as a trial, and
     a child that dies or overruns the time budget takes only its own share with it."""
-    requests = []
+    requests = {}  # one launch per binary: N is no compile-time constant, so a config compiles once for every length
     for study in studies:
         default = launch.heuristic(variant, study.kernel, interpreted=env["interpreted"])
         dists = space(optuna, variant, study.kernel, default)
         for values in itertools.product(*(d.choices for d in dists.values())):
-            requests.append(study.request(variant, env, default, {**default, **dict(zip(dists, values))}))
+            params = {**default, **dict(zip(dists, values))}
+            requests.setdefault((study.dtype, study.kernel, _frozen(params)), study.request(variant, env, default, params))
+    requests = list(requests.values())
     # dealt out in order: each child meets one (dtype, N, kernel)'s configs one after another and builds
     # that case's inputs and reference outputs once
     requests.sort(key=lambda r: (r["dtype"], r["n"], r["kernel"]))
@@ -463,6 +489,11 @@ def _serve(request: dict, cases: dict, device: torch.device) -> dict:
     if not err < tol:  # NaN fails too. Fatal: a miscompiled kernel may also have written out of bounds
         return {"error": f"wrong result: relative error {err:.2e} against the default config (limit {tol:g})",
                 "fatal": True}
+    beat = request.get("beat_ms")
+    if beat is not None:
+        quick = kernel.time_ms(params, quick=True)
+        if quick > SCREEN * beat:
+            return {"ms": quick, "rel_err": err, "screened": True}
     return {"ms": kernel.time_ms(params), "rel_err": err}
 
 
@@ -584,11 +615,12 @@ class _Kernel:
                 for t, r in zip(self.outputs, self.reference)]
         return math.nan if any(math.isnan(e) for e in errs) else max(errs)
 
-    def time_ms(self, params) -> float:
+    def time_ms(self, params, quick=False) -> float:
+        """Median of do_bench over ~100 ms of runs; quick: over ~20 ms (screening)."""
         with launch.override(params):
             if self.device.type == "cuda":
                 from triton.testing import do_bench
-                return do_bench(self.launch, warmup=25, rep=100, return_mode="median")
+                return do_bench(self.launch, warmup=5 if quick else 25, rep=20 if quick else 100, return_mode="median")
             times = []  # the interpreter (dry run): wall clock, only to exercise the pipeline
             for _ in range(3):
                 start = time.perf_counter()

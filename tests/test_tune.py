@@ -206,6 +206,67 @@ def test_failing_trials_are_recorded_as_failed(tmp_path, optuna, monkeypatch, fa
     assert result["wrong"] == (result["failed"] if fault == "wrong" else 0)
 
 
+class _RecordingWorker:
+    """In-process stand-in for tune._Worker: times every config at `ms(params)`, keeps the requests."""
+    timeout_s = 10.0
+
+    def __init__(self, ms):
+        self.ms, self.requests = ms, []
+
+    def run(self, request, timeout_s=None):
+        self.requests.append(request)
+        return {} if request["params"] is None else {"ms": self.ms(request["params"]), "rel_err": 0.0}
+
+
+def test_a_study_starts_from_the_default_then_its_hints(tmp_path, optuna, store):
+    from lightgen import tune
+
+    variant = Variant.parse(SPEC)
+    default = launch.heuristic(variant, "fwd", interpreted=True)
+    hint = {**default, "C": 16, "num_warps": 8}
+    recorded = {**default, "C": 64, "num_stages": 2}
+    tuned = tune._Study("fp32", 32, 2, 32, "fwd")
+    env = dict(arch="sm90", gpu=GPU, triton=configs.triton_version(), device="cpu", heads=2, tokens=64, trials=4,
+               seed=0, interpreted=True, directory=tmp_path / "store", deadline=math.inf)
+    key = configs.ConfigKey("sm90", GPU, env["triton"], render.source_key(variant), "fwd", 16, 16, "fp32", 32)
+    configs.record(key, recorded, 5.0, 4)  # the store's entry for this key is the third guess
+    worker = _RecordingWorker(lambda p: 1.0 if p == default else 2.0)
+    bar = type("Bar", (), {"write": print, "set_postfix_str": lambda self, s: None})()
+    result = tune._tune_study(optuna, tune._journal(optuna, tmp_path / "j.journal"), worker, variant, tuned, env, bar,
+                              hints=[hint, default])  # a hint equal to the default is not tried twice
+    trials = [r["params"] for r in worker.requests[1:]]  # (the first request prepares the case)
+    assert trials[:3] == [default, hint, recorded] and result["trials"] == 4  # (a repeat is not run again)
+    # screening: the default is measured in full, every later trial against the best so far
+    assert [r["beat_ms"] for r in worker.requests[1:]] == [None] + [1.0] * (len(trials) - 1)
+    assert result["params"] == default and result["ms"] == 1.0 and result["seconds"] >= 0
+
+
+def test_a_slow_config_is_screened_not_measured_in_full(monkeypatch):
+    from conftest import DEVICE
+
+    from lightgen import tune
+
+    variant = Variant.parse(SPEC)
+    default = launch.heuristic(variant, "fwd", interpreted=DEVICE == "cpu")
+    request = dict(spec=SPEC, kernel="fwd", dtype="fp32", n=32, b=2, h=2, default=default, params=default)
+    cases = {}
+    modes = []  # quick or not, per measurement
+    time_ms = tune._Kernel.time_ms
+
+    def spy(self, params, quick=False):
+        modes.append(quick)
+        return time_ms(self, params, quick)
+    monkeypatch.setattr(tune._Kernel, "time_ms", spy)
+    full = tune._serve({**request, "beat_ms": None}, cases, torch.device(DEVICE))
+    assert "screened" not in full and modes == [False]  # no best yet: measured in full
+    modes.clear()
+    slow = tune._serve({**request, "beat_ms": full["ms"] / 100}, cases, torch.device(DEVICE))
+    assert slow["screened"] and slow["ms"] > tune.SCREEN * full["ms"] / 100 and modes == [True]
+    modes.clear()
+    contender = tune._serve({**request, "beat_ms": full["ms"] * 100}, cases, torch.device(DEVICE))
+    assert "screened" not in contender and modes == [True, False]  # quick first, then in full
+
+
 def test_trial_outputs_are_checked_against_the_default():
     from conftest import DEVICE
 
