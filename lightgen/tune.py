@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import statistics
 import time
@@ -139,8 +140,7 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would drown the bar
     results = []
-    if jobs > 1 and studies:
-        warm_up(optuna, variant, studies, env, jobs, progress)
+    failed = warm_up(optuna, variant, studies, env, jobs, trial_timeout_s, progress)["failed"] if jobs > 1 and studies else {}
     found: dict[tuple, dict] = {}  # (kernel, dtype) -> the best params of its latest study: the next length's first guess
     worker = _Worker(str(device), trial_timeout_s)
     try:
@@ -154,8 +154,10 @@ def tune(spec, seqlens=SEQLENS, dtypes=("bf16", "fp16"), tokens=65536, hidden=20
                               f"run again to resume (journal {path})")
                     break
                 bar.set_description(f"tune {study.kernel} {study.dtype} N={study.n}")
+                known = {params: why for (dtype, kernel, params), why in failed.items()
+                         if (dtype, kernel) == (study.dtype, study.kernel)}
                 result = _tune_study(optuna, store, worker, variant, study, env, bar,
-                                     hints=[found[p] for p in [(study.kernel, study.dtype)] if p in found])
+                                     hints=[found[p] for p in [(study.kernel, study.dtype)] if p in found], known=known)
                 if "params" in result:
                     found[study.kernel, study.dtype] = result["params"]
                 results.append(result)
@@ -205,10 +207,12 @@ def _study_name(key: configs.ConfigKey, n: int, b: int, h: int) -> str:
             f"{key.arch}:{key.gpu}:triton{key.triton}")
 
 
-def _tune_study(optuna, store, worker, variant, plan: _Study, env, bar, hints=()) -> dict:
+def _tune_study(optuna, store, worker, variant, plan: _Study, env, bar, hints=(), known=None) -> dict:
     """hints: params to try right after the default (the best of this kernel at the previous length:
     neighbouring lengths mostly share their best config, and a good best early makes screening cut
-    more), besides the entry recorded for this key, if any."""
+    more), besides the entry recorded for this key, if any. known: {frozen params: why} of configs the
+    warm-up saw fail: their trials fail without running."""
+    known = known or {}
     from optuna.trial import TrialState
 
     start = time.monotonic()
@@ -251,25 +255,29 @@ def _tune_study(optuna, store, worker, variant, plan: _Study, env, bar, hints=()
     while (len(study.get_trials(deepcopy=False, states=finished)) < env["trials"]
            and time.monotonic() < env["deadline"]):
         trial = study.ask(dists)
+        params = {**default, **trial.params}
         before = seen.get(_frozen(trial.params))
         if before is not None:
             for name, value in before.user_attrs.items():
                 trial.set_user_attr(name, value)
             study.tell(trial, before.value if before.state == TrialState.COMPLETE else None,
                        state=before.state if before.state != TrialState.COMPLETE else None)
+            continue
+        if _frozen(params) in known and params != default:
+            reply = {"error": f"in the warm-up: {known[_frozen(params)]}"}
         else:
             done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             beat = min((t.value for t in done), default=None)  # None: the default's trial, always measured in full
-            reply = worker.run({**request, "params": {**default, **trial.params}, "beat_ms": beat})
-            if "ms" in reply:
-                trial.set_user_attr("rel_err", reply["rel_err"])
-                if reply.get("screened"):
-                    trial.set_user_attr("screened", True)
-                study.tell(trial, reply["ms"])
-            else:
-                trial.set_user_attr("error", reply["error"])
-                study.tell(trial, state=TrialState.FAIL)
-            seen[_frozen(trial.params)] = study.get_trials(deepcopy=False)[trial.number]
+            reply = worker.run({**request, "params": params, "beat_ms": beat})
+        if "ms" in reply:
+            trial.set_user_attr("rel_err", reply["rel_err"])
+            if reply.get("screened"):
+                trial.set_user_attr("screened", True)
+            study.tell(trial, reply["ms"])
+        else:
+            trial.set_user_attr("error", reply["error"])
+            study.tell(trial, state=TrialState.FAIL)
+        seen[_frozen(trial.params)] = study.get_trials(deepcopy=False)[trial.number]
         _postfix(bar, study, mine)
     result["seconds"] = time.monotonic() - start
     return _summarise(study, key, default, mine, env, result)
@@ -316,10 +324,16 @@ def _summarise(study, key, default, mine, env, result) -> dict:
 
 # ---- compiling ahead, in parallel ------------------------------------------------------------------
 
-def warm_up(optuna, variant, studies, env, jobs, progress=True) -> dict:
-    """Launch every config of every study's space once, spread over `jobs` child processes; returns
-    {"launched", "failed", "seconds"}. Best effort: a config that fails here fails again as a trial, and
-    a child that dies or overruns the time budget takes only its own share with it."""
+def warm_up(optuna, variant, studies, env, jobs, timeout_s, progress=True) -> dict:
+    """Launch and check every config of every study's space once, in `jobs` child processes at once;
+    returns {"launched", "failed": {(dtype, kernel, frozen params): why}, "seconds", "processes"}.
+
+    Each child compiles and runs its share and checks the outputs against the default's, as a trial
+    does, without timing (the children share the GPU). A config that fails here is a trial's failure
+    the worker never runs: a crash or a miscompile there costs a new worker process and its inputs,
+    ~10 s each on an H100 (Triton 3.6 miscompiles some configs, see launch.heuristic). A child whose
+    CUDA context a config poisoned stops there; the rest of its share goes to a child of the next round.
+    A child that dies, or runs one config longer than timeout_s, fails that config."""
     requests = {}  # one launch per binary: N is no compile-time constant, so a config compiles once for every length
     for study in studies:
         default = launch.heuristic(variant, study.kernel, interpreted=env["interpreted"])
@@ -327,48 +341,84 @@ def warm_up(optuna, variant, studies, env, jobs, progress=True) -> dict:
         for values in itertools.product(*(d.choices for d in dists.values())):
             params = {**default, **dict(zip(dists, values))}
             requests.setdefault((study.dtype, study.kernel, _frozen(params)), study.request(variant, env, default, params))
-    requests = list(requests.values())
     # dealt out in order: each child meets one (dtype, N, kernel)'s configs one after another and builds
     # that case's inputs and reference outputs once
-    requests.sort(key=lambda r: (r["dtype"], r["n"], r["kernel"]))
-    ctx = multiprocessing.get_context("spawn")
-    counts = ctx.Queue()
-    shards = [requests[i::jobs] for i in range(jobs)]
-    procs = [ctx.Process(target=_warm_main, args=(shard, env["device"], counts), name="lightgen-tune-warm-up")
-             for shard in shards if shard]
-    start = time.monotonic()
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=max(0.0, env["deadline"] - time.monotonic()))
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    launched = failed = 0
-    for _ in range(sum(proc.exitcode == 0 for proc in procs)):  # a killed child reports nothing
-        ok, bad = counts.get(timeout=60)
-        launched, failed = launched + ok, failed + bad
+    pending = sorted(requests, key=lambda key: (key[0], requests[key]["n"], key[1]))
+    failed, launched, processes, start = {}, 0, 0, time.monotonic()
+    while pending and time.monotonic() < env["deadline"]:
+        shares = [[(key, requests[key]) for key in pending[i::jobs]] for i in range(min(jobs, len(pending)))]
+        outcomes = _warm_round(shares, env, timeout_s)
+        processes += len(shares)
+        if not outcomes:  # no child got through one config (could not start?): the trial worker will say why
+            break
+        launched += sum(why is None for why in outcomes.values())
+        failed.update((key, why) for key, why in outcomes.items() if why is not None)
+        pending = [key for key in pending if key not in outcomes]
     seconds = time.monotonic() - start
     if progress:
-        print(f"warm-up: {launched} configs launched ({failed} failed) in {seconds:.0f} s, {len(procs)} processes")
-    return {"launched": launched, "failed": failed, "seconds": seconds}
+        print(f"warm-up: {launched + len(failed)} configs launched ({len(failed)} failed) in {seconds:.0f} s, "
+              f"{processes} processes")
+    return {"launched": launched, "failed": failed, "seconds": seconds, "processes": processes}
 
 
-def _warm_main(requests, device: str, counts) -> None:
-    """Child of warm_up: launch each request's config once (compiling it), then report (launched, failed)."""
+def _warm_round(shares, env, timeout_s) -> dict:
+    """One child per share of (key, request)s; returns {key: why or None} for the configs they got through."""
+    ctx = multiprocessing.get_context("spawn")
+    pipes = [ctx.Pipe(duplex=False) for _ in shares]  # a pipe, not a queue: a child's os._exit loses no message
+    procs = [ctx.Process(target=_warm_main, args=([request for _, request in share], env["device"], sender),
+                         name="lightgen-tune-warm-up") for share, (_, sender) in zip(shares, pipes)]
+    for proc, (_, sender) in zip(procs, pipes):
+        proc.start()
+        sender.close()
+    outcomes, running = {}, {}  # running: child -> (the key it is on, since when)
+    listening = {receiver: c for c, (receiver, _) in enumerate(pipes)}
+    while listening:
+        for receiver in multiprocessing.connection.wait(list(listening), timeout=0.2):
+            c = listening[receiver]
+            try:
+                index, why = receiver.recv()
+            except EOFError:  # the child has gone: if in the middle of a config, that config killed it
+                del listening[receiver]
+                procs[c].join()
+                if c in running:
+                    outcomes[running.pop(c)[0]] = f"warm-up process died (exit code {procs[c].exitcode})"
+                continue
+            key = shares[c][index][0]
+            if why == "begin":
+                running[c] = (key, time.monotonic())
+            else:
+                running.pop(c, None)
+                outcomes[key] = why
+        now = time.monotonic()
+        for c, (key, since) in list(running.items()):
+            if now - since > timeout_s:  # hung on it
+                procs[c].kill()
+                outcomes[key] = f"timed out after {timeout_s:g} s"
+                del running[c]
+        if now >= env["deadline"]:
+            for proc in procs:
+                proc.kill()
+            running.clear()
+    for proc in procs:
+        proc.join()
+    return outcomes
+
+
+def _warm_main(requests, device: str, messages) -> None:
+    """Child of warm_up: launch and check each request's config, sending (index, "begin") before and
+    (index, why or None) after each; stop where a config leaves the CUDA context unusable."""
     _choose_backend(device)
     cases: dict = {}
-    launched = failed = 0
-    for request in requests:
+    for index, request in enumerate(requests):
+        messages.send((index, "begin"))
         try:
-            kernel = _case(request, cases, torch.device(device)).kernel(request["kernel"], request["default"])
-            kernel._run(request["params"])
-            launched += 1
-        except Exception:  # noqa: BLE001 - a bad config is the trial's to report
-            failed += 1
-            if not _healthy(device):
-                break  # the rest of this share would fail too; the trial worker compiles them
-    counts.put((launched, failed))
+            why = _check(request, cases, torch.device(device)).get("error")
+            fatal = why is not None and why.startswith("wrong result")
+        except Exception as err:  # noqa: BLE001 - a bad config is a result
+            why, fatal = _why(err), not _healthy(device)
+        messages.send((index, why))
+        if fatal:
+            return
 
 
 # ---- the worker process ---------------------------------------------------------------------------
@@ -440,10 +490,14 @@ def _worker_main(conn, device: str) -> None:
         try:
             reply = _serve(request, cases, torch.device(device))
         except Exception as err:  # noqa: BLE001 - any failure of a config is a result
-            reply = {"error": f"{type(err).__name__}: {str(err).strip()[:500]}", "fatal": not _healthy(device)}
+            reply = {"error": _why(err), "fatal": not _healthy(device)}
         conn.send(reply)
         if reply.get("fatal"):
             return
+
+
+def _why(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).strip()[:500]}"
 
 
 def _choose_backend(device: str) -> None:
@@ -478,7 +532,9 @@ def _case(request: dict, cases: dict, device: torch.device) -> "_Case":
     return cases[case_key]
 
 
-def _serve(request: dict, cases: dict, device: torch.device) -> dict:
+def _check(request: dict, cases: dict, device: torch.device) -> dict:
+    """Run the request's config once against the default's outputs: {"rel_err", "kernel"}, {} for a
+    prepare (params None), or {"error", "fatal"} for a wrong result."""
     kernel = _case(request, cases, device).kernel(request["kernel"], request["default"])
     params = request["params"]
     if params is None:
@@ -489,6 +545,14 @@ def _serve(request: dict, cases: dict, device: torch.device) -> dict:
     if not err < tol:  # NaN fails too. Fatal: a miscompiled kernel may also have written out of bounds
         return {"error": f"wrong result: relative error {err:.2e} against the default config (limit {tol:g})",
                 "fatal": True}
+    return {"rel_err": err, "kernel": kernel}
+
+
+def _serve(request: dict, cases: dict, device: torch.device) -> dict:
+    checked = _check(request, cases, device)
+    if "kernel" not in checked:
+        return checked
+    kernel, params, err = checked["kernel"], request["params"], checked["rel_err"]
     beat = request.get("beat_ms")
     if beat is not None:
         quick = kernel.time_ms(params, quick=True)

@@ -188,6 +188,25 @@ def test_warm_up_compiles_the_whole_space_in_parallel(tmp_path, optuna, capsys):
     assert f"warm-up: {points} configs launched (0 failed)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("fault, reason", [("exit", "warm-up process died (exit code 70)"), ("raise", "injected fault")])
+def test_configs_that_fail_in_the_warm_up_are_not_run_again(tmp_path, optuna, monkeypatch, capsys, fault, reason):
+    """A config that crashes its warm-up child (or raises there) fails its trial without the trial worker
+    running it; the rest of a dead child's share goes to the next round's children."""
+    from lightgen import tune
+
+    monkeypatch.setenv("LIGHTGEN_TUNE_FAULT", fault)  # every config but the default misbehaves
+    variant = Variant.parse(SPEC)
+    default = launch.heuristic(variant, "fwd", interpreted=True)
+    points = math.prod(len(d.choices) for d in tune.space(optuna, variant, "fwd", default).values())
+    (result,) = dry_run(tmp_path, seqlens=(32,), kernels=("fwd",), trials=3, jobs=2, progress=True)
+    assert f"warm-up: {points} configs launched ({points - 1} failed)" in capsys.readouterr().out
+    assert result["params"] == default and result["failed"] >= 1
+    for t in trials_of(optuna, tmp_path / "tune" / "studies.journal"):
+        if {**default, **t.params} != default:
+            assert t.user_attrs["error"] == f"in the warm-up: {reason}" if fault == "exit" else \
+                t.user_attrs["error"].startswith("in the warm-up: RuntimeError: injected fault")
+
+
 @pytest.mark.parametrize("fault, reason", [("exit", "worker process died (exit code 70)"),
                                            ("raise", "injected fault"), ("wrong", "wrong result")])
 def test_failing_trials_are_recorded_as_failed(tmp_path, optuna, monkeypatch, fault, reason):
