@@ -340,7 +340,9 @@ def warm_up(optuna, variant, studies, env, jobs, timeout_s, progress=True) -> di
         dists = space(optuna, variant, study.kernel, default)
         for values in itertools.product(*(d.choices for d in dists.values())):
             params = {**default, **dict(zip(dists, values))}
-            requests.setdefault((study.dtype, study.kernel, _frozen(params)), study.request(variant, env, default, params))
+            # a smaller batch: `jobs` children hold their inputs at once (16 full cases overflowed an H100's 80 GB)
+            requests.setdefault((study.dtype, study.kernel, _frozen(params)),
+                                {**study.request(variant, env, default, params), "b": max(1, study.b // jobs)})
     # dealt out in order: each child meets one (dtype, N, kernel)'s configs one after another and builds
     # that case's inputs and reference outputs once
     pending = sorted(requests, key=lambda key: (key[0], requests[key]["n"], key[1]))
@@ -351,8 +353,8 @@ def warm_up(optuna, variant, studies, env, jobs, timeout_s, progress=True) -> di
         processes += len(shares)
         if not outcomes:  # no child got through one config (could not start?): the trial worker will say why
             break
-        launched += sum(why is None for why in outcomes.values())
-        failed.update((key, why) for key, why in outcomes.items() if why is not None)
+        launched += sum(status == "ok" for status, _ in outcomes.values())
+        failed.update((key, why) for key, (status, why) in outcomes.items() if status == "failed")
         pending = [key for key in pending if key not in outcomes]
     seconds = time.monotonic() - start
     if progress:
@@ -362,7 +364,8 @@ def warm_up(optuna, variant, studies, env, jobs, timeout_s, progress=True) -> di
 
 
 def _warm_round(shares, env, timeout_s) -> dict:
-    """One child per share of (key, request)s; returns {key: why or None} for the configs they got through."""
+    """One child per share of (key, request)s; returns {key: (status, why)} for the configs they got through
+    (status "ok", "failed" or "skipped": out of memory, no verdict on the config)."""
     ctx = multiprocessing.get_context("spawn")
     pipes = [ctx.Pipe(duplex=False) for _ in shares]  # a pipe, not a queue: a child's os._exit loses no message
     procs = [ctx.Process(target=_warm_main, args=([request for _, request in share], env["device"], sender),
@@ -376,24 +379,24 @@ def _warm_round(shares, env, timeout_s) -> dict:
         for receiver in multiprocessing.connection.wait(list(listening), timeout=0.2):
             c = listening[receiver]
             try:
-                index, why = receiver.recv()
+                index, status, why = receiver.recv()
             except EOFError:  # the child has gone: if in the middle of a config, that config killed it
                 del listening[receiver]
                 procs[c].join()
                 if c in running:
-                    outcomes[running.pop(c)[0]] = f"warm-up process died (exit code {procs[c].exitcode})"
+                    outcomes[running.pop(c)[0]] = ("failed", f"warm-up process died (exit code {procs[c].exitcode})")
                 continue
             key = shares[c][index][0]
-            if why == "begin":
+            if status == "begin":
                 running[c] = (key, time.monotonic())
             else:
                 running.pop(c, None)
-                outcomes[key] = why
+                outcomes[key] = (status, why)
         now = time.monotonic()
         for c, (key, since) in list(running.items()):
             if now - since > timeout_s:  # hung on it
                 procs[c].kill()
-                outcomes[key] = f"timed out after {timeout_s:g} s"
+                outcomes[key] = ("failed", f"timed out after {timeout_s:g} s")
                 del running[c]
         if now >= env["deadline"]:
             for proc in procs:
@@ -405,18 +408,21 @@ def _warm_round(shares, env, timeout_s) -> dict:
 
 
 def _warm_main(requests, device: str, messages) -> None:
-    """Child of warm_up: launch and check each request's config, sending (index, "begin") before and
-    (index, why or None) after each; stop where a config leaves the CUDA context unusable."""
+    """Child of warm_up: launch and check each request's config, sending (index, "begin", None) before and
+    (index, status, why) after each; stop where a config leaves the CUDA context unusable."""
     _choose_backend(device)
     cases: dict = {}
     for index, request in enumerate(requests):
-        messages.send((index, "begin"))
+        messages.send((index, "begin", None))
+        fatal = False
         try:
             why = _check(request, cases, torch.device(device)).get("error")
-            fatal = why is not None and why.startswith("wrong result")
+            status, fatal = ("ok", False) if why is None else ("failed", True)  # a wrong result may have written out of bounds
+        except torch.OutOfMemoryError as err:  # the machine's state, not the config's fault
+            status, why = "skipped", _why(err)
         except Exception as err:  # noqa: BLE001 - a bad config is a result
-            why, fatal = _why(err), not _healthy(device)
-        messages.send((index, why))
+            status, why, fatal = "failed", _why(err), not _healthy(device)
+        messages.send((index, status, why))
         if fatal:
             return
 
