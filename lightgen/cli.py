@@ -239,8 +239,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--storage", metavar="PATH",
                    help="Optuna journal file (default ~/.cache/lightgen/tune/studies.journal)")
     t.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default 0)")
-    t.add_argument("--jobs", type=int, default=1, metavar="J",
-                   help="compile every config of the space first in J processes at once (default 1: none)")
+    t.add_argument("--jobs", type=int, metavar="J",
+                   help="compile and check every config of the space first in J processes at once (default: one per "
+                        "CPU, up to 16; 1 on the CPU's dry run); 1: no warm-up")
     t.add_argument("--commit", action="store_true",
                    help="record into the repo's tuned_configs/ (to commit) instead of the user store")
     t.set_defaults(fn=cmd_tune)
