@@ -27,6 +27,7 @@ the fp32 state once (plus q, k, v, o).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -125,21 +126,32 @@ def _time(fn, grad_of=None, do=None):
     return min(do_bench(step, warmup=10, rep=60, return_mode="median", grad_to_none=grad_of) for _ in range(REPEATS))
 
 
-def _graph_time(fn):
-    """GPU time of fn replayed from a CUDA graph, as a serving engine runs a decode step: no host
-    overhead (a decode step's kernel takes tens of microseconds, about what the Python around it takes)."""
+def _graph_time(fn, grad_of=None, do=None):
+    """GPU time of fn (or of fn's backward too, with grad_of), replayed from a CUDA graph: no host
+    overhead. As a serving engine runs a decode step (its kernel takes tens of microseconds, about what
+    the Python around it takes), and what a call costs inside a model, whose other layers' GPU work
+    hides the host's: torch's autograd engine alone takes ~0.35 ms of host per backward on the H100's
+    host (an empty mul-and-sum), near a whole split fwd+bwd's GPU time at D = 64."""
     from triton.testing import do_bench
 
-    with torch.no_grad():
+    def step():
+        if grad_of is None:
+            fn()
+            return
+        for t in grad_of:
+            t.grad = None  # captured: each replay writes fresh gradients, as grad_to_none gives eager timing
+        fn().backward(do)
+
+    with torch.no_grad() if grad_of is None else contextlib.nullcontext():
         side = torch.cuda.Stream()  # warm up (compile, autotune) off the capture, as CUDA graphs require
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
-                fn()
+                step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn()
+            step()
     return do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
 
 
@@ -229,12 +241,18 @@ def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384,
             tr = (lambda t: t.transpose(1, 2).contiguous()) if head_first else (lambda t: t)
             q, k, v = (tr(t).requires_grad_() for t in base)
             row[name] = {}
+            leaves = [q, k, v] + ([log_decays] if log_decays is not None else [])
             try:  # a peer failing at one shape is a result, not a crash; its forward may still count
                 row[name]["fwd_ms"] = _time(lambda: fn(q, k, v))
-                row[name]["fwdbwd_ms"] = _time(lambda: fn(q, k, v), do=tr(do),
-                                               grad_of=[q, k, v] + ([log_decays] if log_decays is not None else []))
+                row[name]["fwdbwd_ms"] = _time(lambda: fn(q, k, v), do=tr(do), grad_of=leaves)
             except Exception as err:  # noqa: BLE001
                 row[name]["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            try:  # the same from a CUDA graph: the GPU's time, where the eager call's host work sets the pace
+                row[name]["graph"] = {"fwd_ms": _graph_time(lambda: fn(q, k, v)),
+                                      "fwdbwd_ms": _graph_time(lambda: fn(q, k, v), do=tr(do), grad_of=leaves)}
+            except Exception as err:  # noqa: BLE001 - a peer that cannot be captured keeps its eager times
+                row[name]["graph_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+                torch.cuda.synchronize()
             if name == "fla" and fla_same_math and "fwdbwd_ms" in row[name]:
                 try:  # the same inputs as timed: is fla's time one of right results?
                     errors = agreement(fns["lightgen"][0], fn, (q, k, v), do, log_decays)
@@ -393,9 +411,23 @@ def _print_row(row):
                f"{r['fwdbwd_ms'] / row['floor_fwdbwd_ms']:.2f}x floor"
         if name != "lightgen" and "fwdbwd_ms" in ours:
             cell += f"; ours {r['fwd_ms'] / ours['fwd_ms']:.2f}x/{r['fwdbwd_ms'] / ours['fwdbwd_ms']:.2f}x faster"
+        cell += _graph_note(r, ours)
         cell += _agreement_note(r)
         cells.append(cell + ")")
     print(" | ".join(cells), flush=True)
+
+
+def _graph_note(r, ours) -> str:
+    """The cell's CUDA-graph times (and, for a peer, lightgen's speed-up by them)."""
+    graph, base = r.get("graph"), ours.get("graph")
+    if "graph_error" in r:
+        return f"; no CUDA graph: {r['graph_error'][:60]}"
+    if not graph:
+        return ""
+    note = f"; graph {graph['fwd_ms']:.3f}/{graph['fwdbwd_ms']:.3f}"
+    if base is not None and graph is not base:
+        note += f", ours {graph['fwd_ms'] / base['fwd_ms']:.2f}x/{graph['fwdbwd_ms'] / base['fwdbwd_ms']:.2f}x faster"
+    return note
 
 
 def _agreement_note(r) -> str:
