@@ -636,8 +636,20 @@ def _backward_reference(variant, q, k, v, do, log_decay, theta, h0, dht, offset,
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(result, inputs))
 
 
+def _plain_eager(t: Tensor) -> bool:
+    """A call on real tensors outside any tracer (torch.compile, export, make_fx, opcheck's modes): the
+    kernels may run without the op around them."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
+
+
 def _custom_ops(variant: Variant):
-    """Register lightgen::attn_<hash> (+ _backward) once per variant; returns the forward op."""
+    """Register lightgen::attn_<hash> (+ _backward) once per variant; returns the forward: the op under a
+    tracer (_plain_eager), else the same functions as a plain autograd.Function. The op's dispatch layers
+    (schema defaults, autograd wrapper, redispatch, the dynamo guard around its kernel) cost host time on
+    every call, and at long N with few heads a call's host work is as long as its GPU work (CPU, launches
+    stubbed, D = 64 in 4 pieces: fwd+bwd 263-276 us of host against 349-386 through the op)."""
     if variant.hash in _OPS:
         return _OPS[variant.hash]
     name = f"lightgen::attn_{variant.hash}"
@@ -711,8 +723,9 @@ def _custom_ops(variant: Variant):
                      None if theta is None else torch.zeros_like(theta), None if h0 is None else dht,
                      None if u is None else torch.zeros_like(u))
         elif _use_kernels(q):
-            grads = bwd_op(q, k, v, do, log_decay, theta, h0, dht, ht if dht is not None else None, ctx.offset,
-                           ctx.segments, cu_seqlens, o, u, received)
+            kernels = backward if getattr(ctx, "eager", False) and _plain_eager(q) else bwd_op  # (see the docstring)
+            grads = kernels(q, k, v, do, log_decay, theta, h0, dht, ht if dht is not None else None, ctx.offset,
+                            ctx.segments, cu_seqlens, o, u, received)
         else:  # the reference needs autograd, which is off below the op's dispatch: run it here
             grads = _backward_reference(variant, q, k, v, do, log_decay, theta, h0, dht, ctx.offset, ctx.segments,
                                         cu_seqlens, u=u)
@@ -721,5 +734,18 @@ def _custom_ops(variant: Variant):
                 dh0 if h0 is not None else None, None, None, None, None, du if u is not None else None)
 
     fwd_op.register_autograd(autograd_backward, setup_context=setup_context)
-    _OPS[variant.hash] = fwd_op
-    return fwd_op
+
+    def eager_forward(ctx, *inputs):  # (ctx first: a separate setup_context costs an inspect.signature per call)
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    Eager = type(f"Attention_{variant.hash}", (torch.autograd.Function,), dict(
+        forward=staticmethod(eager_forward), backward=staticmethod(autograd_backward)))
+
+    def attention(*inputs):
+        return Eager.apply(*inputs) if _plain_eager(inputs[0]) else fwd_op(*inputs)
+
+    _OPS[variant.hash] = attention
+    return attention
