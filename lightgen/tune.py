@@ -49,8 +49,8 @@ AGREE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2}
 # keeps that figure (it cannot win) instead of a full one. Most of a space is that slow: the full
 # measurement is kept for the contenders
 SCREEN = 1.2
-STARTUP_TIMEOUT_S = 300.0
-JOBS = 16  # warm-up processes by default: 16 kept an H100 busy compiling (360 configs at D = 128 in 81 s)  # a fresh worker importing torch and Triton; compiling the default config
+STARTUP_TIMEOUT_S = 300.0  # a fresh worker importing torch and Triton; compiling the default config
+JOBS = 16  # warm-up processes by default: 16 kept an H100 busy compiling (360 configs at D = 128 in 81 s)
 
 
 def default_storage() -> Path:
