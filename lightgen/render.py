@@ -134,12 +134,13 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         lines.append(f"tl.store(offs, {value}.to({tensor}.dtype.element_ty), mask=mask[:, None])")
         return lines
 
-    def state_ptrs(base, b, c, spec):
-        """Pointers to the block of a [F, DV] fp32 state that the walk's S_b_c holds (F = dk per feature part)."""
+    def state_ptrs(base, b, c, spec, transposed=False):
+        """Pointers to the block of a [F, DV] fp32 state that the walk's S_b_c holds (F = dk per feature part):
+        [b rows, c columns], or [c, b] for a walk that holds its states transposed."""
         feature = b if spec["side"] == "b" else c
         part = feats["parts"].index(feature.split("_", 1)[1])
         rows = f"({part} * DK + {spec['feat_cols']})" if part else spec["feat_cols"]
-        if spec["side"] == "b":
+        if (spec["side"] == "b") != transposed:  # the feature rows down the block
             return f"{base} + {rows}[:, None] * DV + {spec['v_cols']}[None, :]"
         return f"{base} + {rows}[None, :] * DV + {spec['v_cols']}[:, None]"
 
