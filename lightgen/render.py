@@ -101,10 +101,15 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
 
     def masked(x):
         # padded rows load zeros, but phi(0) need not be 0: keep them out of the state
+        if feats["zero_at_zero"] and variant.decay != "vector":
+            return []
         return [f"{p} = tl.where(mask[:, None], {p}, 0.0)" for p in parts(x)]
 
-    def chain(x, source, factor):
+    def chain(x, source, factor, transposed=False):
+        """The input's gradient from its features' (out_<part>); transposed: those are [dim, C] (never under LRPE)."""
         grads = ", ".join(f"{factor}out_{p}" for p in parts(source))
+        if transposed:
+            return [f"d{x} = _features_grad(tl.trans({x}), {grads})"]
         if lrpe:
             return [f"d{x}, dth = _features_grad({x}, t, cos_t, sin_t, {grads})",
                     "dth_acc += tl.sum(tl.where(mask[:, None], dth, 0.0), axis=0)"]
@@ -127,11 +132,13 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         return [f"# this kernel's part of dL/dG (G the cumulative log decay): {sign}f({x}) . df({x}) per row",
                 f"dG = {factor}({dots})", "tl.store(dg_ptr + rows * H, dG, mask=mask)"]
 
-    def store(ptr, row_stride, cols, value, tensor, accumulate):
-        lines = [f"offs = {ptr} + rows[:, None] * {row_stride} + {cols}[None, :]"]
+    def store(ptr, row_stride, cols, value, tensor, accumulate, transposed=False):
+        """Store a [C, cols] tile, or (transposed) a [cols, C] one as it is: a transposed walk's output."""
+        row, col, rmask = ("[None, :]", "[:, None]", "mask[None, :]") if transposed else ("[:, None]", "[None, :]", "mask[:, None]")
+        lines = [f"offs = {ptr} + rows{row} * {row_stride} + {cols}{col}"]
         if accumulate:  # second walk of a non-causal kernel adds to the first's result
-            lines.append(f"{value} += tl.load(offs, mask=mask[:, None], other=0.0).to(tl.float32)")
-        lines.append(f"tl.store(offs, {value}.to({tensor}.dtype.element_ty), mask=mask[:, None])")
+            lines.append(f"{value} += tl.load(offs, mask={rmask}, other=0.0).to(tl.float32)")
+        lines.append(f"tl.store(offs, {value}.to({tensor}.dtype.element_ty), mask={rmask})")
         return lines
 
     def state_ptrs(base, b, c, spec, transposed=False):
@@ -162,9 +169,13 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         decay=variant.decay != "none", constant=variant.decay == "constant", scalar=variant.decay == "scalar",
         vector=variant.decay == "vector",
         lrpe=lrpe, decay_grad=decay_grad,
+        # q and k loaded in fp32 for the feature map; as loaded (fp16 / bf16) when it is the identity, so that
+        # the dots read them straight from the loads (decay=vector: always fp32, for its per-feature weights)
+        upcast=variant.decay == "vector" or not feats["identity"],
         epilogue=variant.epilogue, gate=gate_code(variant) if variant.gate != "none" else None,
         output_epilogue=output_epilogue,
         state_rows="2 * DK" if lrpe else "DK", state_ptrs=state_ptrs,
+        vector_scaled=lambda x: [scaled(x)] if variant.decay == "vector" else [],
         parts=parts, features=features, rotation=rotation, rotation_start=rotation_start, scaled=scaled, masked=masked, chain=chain, store=store,
         zip_parts=lambda a, b: list(zip(parts(a), parts(b))),
         decay_weight=lambda ld, dist: decay_code(variant, ld, dist),

@@ -235,6 +235,10 @@ def features_code(variant) -> dict:
         "bwd_args": bwd_inputs + [str(g) for g in grads.values()],
         "bwd_lines": _body(vjp, list(wrt)), "bwd_returns": list(wrt),
         "phi_text": str(phi), "dphi_text": str(sympy.diff(phi, x)),
+        # the features are the inputs as loaded: the kernels may feed the loads to the dots untouched
+        "identity": variant.lrpe != "d" and sympy.simplify(phi - x) == 0,
+        # phi(0) = 0: padded rows (loaded as zeros) have zero features, no mask needed
+        "zero_at_zero": sympy.simplify(phi.subs(x, 0)) == 0,
     }
 
 
