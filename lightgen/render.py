@@ -164,8 +164,10 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
             lines.append("out_v = out_v * _gate(u.to(tl.float32))")
         return lines + store("y_ptr", "H * DV", "tile", "out_v", "Y", False)
 
+    # the scale is a run-time argument: left out of the source, so that it does not key tuned entries
+    kernel_spec = ",".join(p for p in variant.canonical().split(",") if not p.startswith("scale="))
     return env.get_template(template).render(
-        variant=variant, version=__version__, feats=feats, varlen=varlen,
+        variant=variant, kernel_spec=kernel_spec, version=__version__, feats=feats, varlen=varlen,
         decay=variant.decay != "none", constant=variant.decay == "constant", scalar=variant.decay == "scalar",
         vector=variant.decay == "vector",
         lrpe=lrpe, decay_grad=decay_grad,

@@ -61,6 +61,17 @@ def test_tuned_hit_and_nearest_bucket(store):
         assert params(4096, dtype=torch.float16) == launch.heuristic(VARIANT, "fwd", interpreted=False)
 
 
+def test_entries_do_not_depend_on_the_scale(store):
+    # the scale is a run-time argument: one tuned entry serves every scale (the default dk**-0.5 included),
+    # while a change to what the kernels compute makes new ones
+    record({"C": 64, "BK": 32, "BV": 32, "num_warps": 4, "num_stages": 3})
+    for scale in ("", ",scale=1", ",scale=0.37"):
+        other = Variant.parse(f"decay=constant,causal,dk=64,dv=32{scale}")
+        assert render.source_key(other) == render.source_key(VARIANT)
+        assert launch.params(other, "fwd", torch.bfloat16, 4096, CUDA0)["C"] == 64
+    assert render.source_key(Variant.parse("decay=none,causal,dk=64,dv=32")) != render.source_key(VARIANT)
+
+
 def test_miss_warns_once_and_uses_the_heuristic(store):
     first, seen = count_warnings(lambda: [params(n) for n in (1024, 2048, 1024)])
     assert all(p == launch.heuristic(VARIANT, "fwd", interpreted=False) for p in first)
