@@ -49,16 +49,15 @@ def heuristic(variant, kernel: str, interpreted: bool) -> dict:
         if kernel in ("fwd", "bwd_dkv", "bwd_dv"):
             return {"C": 16, "BK": bk, "BV": variant.dv, "num_warps": 8, "num_stages": 2}
         return {"C": 16, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 2}
-    if kernel == "bwd_dkv" and variant.dk == 128 and variant.dv == 128:
-        # the fused reverse sweep holds its [dk, dv] fp32 state and works on both products: at C = 32 it spills
-        # (48 values at 255 registers), at C = 16 not (246). H100, constant decay, bf16, fwd+bwd ms at 4K x 16 /
-        # 16K x 4: 1.825 / 2.289 fused at C = 16, 8 warps, 3 stages, against 1.928 / 2.463 split (4K: 3.53 fused at C = 32)
-        return {"C": 16, "BK": bk, "BV": 128, "num_warps": 8, "num_stages": 3}
-    if kernel in ("fwd", "bwd_dkv", "bwd_dv") and variant.dk <= 128 and variant.dv == 128:
-        # the one config that tuning picked for these kernels in every D = 128 variant without LRPE tuned on
-        # H100 (constant decay, none, scalar: tuned_configs/sm90.json): the whole row per program
-        return {"C": 32, "BK": bk, "BV": 128, "num_warps": 8, "num_stages": 3}
-    return {"C": chunk, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 2}
+    if variant.dk == 128 and variant.dv == 128 and not variant.learned_decay:
+        # what tuning picked on H100 for TNL and decay=none at D = 128 (tuned_configs/sm90.json, the transposed
+        # walk): the whole head per program, 8 warps, 3 stages; 64-token chunks, but 32 for the fused reverse sweep
+        # (its two products through one [dk, dv] state: C = 64 spills). bf16, 4K, ms: fwd 0.378, bwd_dq 0.380,
+        # bwd_dkv 0.744, bwd_dk 0.380 and bwd_dv 0.386
+        tile = {"BK": 128} if kernel in ("bwd_dq", "bwd_dk") else {"BV": 128}
+        return {"C": 32 if kernel == "bwd_dkv" else 64, "BK": bk, "BV": bv, **tile, "num_warps": 8, "num_stages": 3}
+    # what tuning picked on H100 at D = 64 (TNL, decay=none): 64-token chunks (32 for bwd_dkv), 4 warps, 3 stages
+    return {"C": 32 if kernel == "bwd_dkv" else chunk, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 3}
 
 
 def _step_heuristic(variant, interpreted: bool) -> dict:

@@ -53,6 +53,12 @@ def _rendered_key(variant: Variant, templates: str, templates_digest: str, modul
     return hashlib.sha256(render(variant, Path(templates), module).encode()).hexdigest()[:20]
 
 
+def kernel_spec(variant: Variant) -> str:
+    """The variant as its kernels see it: the canonical spec less the scale, a run-time argument (left out
+    of the source, so that one set of kernels and tuned entries serves every scale)."""
+    return ",".join(p for p in variant.canonical().split(",") if not p.startswith("scale="))
+
+
 def render(variant: Variant, templates: Path | None = None, module: str = "main") -> str:
     """The source of one of the variant's kernel modules (MODULES): "main" (forward, backward, decode
     step), "varlen" (the same for packed sequences) or "pieces" (sequence splitting's state passes)."""
@@ -164,10 +170,8 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
             lines.append("out_v = out_v * _gate(u.to(tl.float32))")
         return lines + store("y_ptr", "H * DV", "tile", "out_v", "Y", False)
 
-    # the scale is a run-time argument: left out of the source, so that it does not key tuned entries
-    kernel_spec = ",".join(p for p in variant.canonical().split(",") if not p.startswith("scale="))
     return env.get_template(template).render(
-        variant=variant, kernel_spec=kernel_spec, version=__version__, feats=feats, varlen=varlen,
+        variant=variant, kernel_spec=kernel_spec(variant), version=__version__, feats=feats, varlen=varlen,
         decay=variant.decay != "none", constant=variant.decay == "constant", scalar=variant.decay == "scalar",
         vector=variant.decay == "vector",
         lrpe=lrpe, decay_grad=decay_grad,
