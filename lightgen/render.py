@@ -106,7 +106,8 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         return f"{', '.join(parts(x))} = {', '.join(p + ' * scale' for p in parts(x))}"
 
     def masked(x):
-        # padded rows load zeros, but phi(0) need not be 0: keep them out of the state
+        # padded rows load zeros, but phi(0) need not be 0: keep them out of the state. (decay=vector keeps
+        # its masks, one where per operand beside its per-feature weights: its kernels stay the tuned ones)
         if feats["zero_at_zero"] and variant.decay != "vector":
             return []
         return [f"{p} = tl.where(mask[:, None], {p}, 0.0)" for p in parts(x)]
