@@ -234,29 +234,25 @@ def epilogue_rows(variant) -> int:
 
 def segments(variant, shape, dtype, device) -> int:
     """How many pieces to cut each sequence into (1: none; lightgen.split runs them). Long sequences with
-    few (batch, head) pairs leave SMs idle: each program walks the whole sequence. Measured on H100
-    (D = 128, H = 16, bf16, 65,536 tokens; tuned: one program per pair): 128 pairs of 8K tokens run the
-    forward as fast as 1024 pairs of 1K (0.474 vs 0.485 ms) and slower when split (1.16 ms in 2 pieces);
-    64 pairs of 16K run fwd+bwd in 2.39 ms as 4 pieces (3.31 unsplit, 2.49 as 8), 16 pairs of 64K in
-    2.41 ms as 16 (2.51 as 32, 12.4 unsplit). The pieces' state passes read k and v (q and dO backward)
-    once more, so: split only with at most half as many pairs as SMs, into pieces until as many
-    (pair, piece)s as SMs, none under 1024 tokens. Learned decays (scalar, vector) go on to twice as many:
-    their backward kernels tile the head dim (more programs, each lighter). decay=scalar, fwd+bwd in ms at
-    (pair, piece)s 256 / 512 / 1024: 3.93 / 3.74 / 3.75 at 16K, 3.95 / 3.74 / 3.79 at 32K (constant: 2.40 / 2.51 /
-    2.67 at 16K). More dv tiles instead of pieces lose (constant, 16K, fwd and bwd_dv forced to BV = 64,
-    fwd / fwd+bwd: 0.750 / 2.933 ms unsplit, against 0.753 / 2.480 as 4 pieces; 32K as 2 pieces 1.090 /
-    3.634 against 0.676 / 2.354 as 8): a program walking the whole sequence is the bound, not the state
-    passes' reads. (Pairs, not programs: the count must not depend on tuned tiles, so that torch.compile
-    can trace it.)"""
+    few (batch, head) pairs leave SMs idle: each program walks the whole sequence (16 pairs of 64K, D = 128:
+    12.4 ms fwd+bwd unsplit). The pieces' state passes read k and v (q and dO backward) once more, so the
+    fewest pieces that fill the GPU win: the most with at most one (pair, piece) per SM, none under 1024
+    tokens. Measured on H100 (TNL, bf16, 65,536 tokens, H * D = 2048, session 12), fwd / fwd+bwd ms by pieces:
+    D = 128, 64 pairs of 16K: 2: 0.501 / 1.741, 4: 0.544 / 1.838, 8: 0.596 / 1.955; 32 pairs of 32K: 2: 0.912 /
+    3.227 (64 SMs busy), 4: 0.519 / 1.778, 8: 0.564 / 1.878; 16 pairs of 64K: 4: 0.923 / 3.234, 8: 0.541 / 1.820,
+    16: 0.576 / 1.900. D = 64, 32 pairs of 64K: 4: 0.555 / 1.687, 8: 0.563 / 1.695. Learned decays (scalar,
+    vector) go on to four (pair, piece)s per SM: their backward kernels tile the head dim (more programs, each
+    lighter). decay=scalar, fwd+bwd at (pair, piece)s 256 / 512 / 1024: 3.93 / 3.74 / 3.75 at 16K, 3.95 / 3.74 /
+    3.79 at 32K. More dv tiles instead of pieces lose (constant, 16K, fwd and bwd_dv forced to BV = 64,
+    fwd / fwd+bwd: 0.750 / 2.933 ms unsplit, against 0.753 / 2.480 as 4 pieces): a program walking the whole
+    sequence is the bound. (Pairs, not programs: the count must not depend on tuned tiles, so that
+    torch.compile can trace it.)"""
     if device.type != "cuda":
         return 1
     b, n, h, _ = shape
-    pairs, sms = b * h, _sm_count(device)
-    if 2 * pairs > sms:
-        return 1
-    target = 2 * sms if variant.learned_decay else sms
+    most = (4 if variant.learned_decay else 1) * _sm_count(device) // (b * h)  # (pair, piece)s per pair
     pieces = 1
-    while pairs * pieces < target and n % (2 * pieces) == 0 and n // (2 * pieces) >= 1024:
+    while 2 * pieces <= most and n % (2 * pieces) == 0 and n // (2 * pieces) >= 1024:
         pieces *= 2
     return pieces
 

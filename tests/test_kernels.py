@@ -92,8 +92,8 @@ def test_gradient_through_the_final_state_alone(segments, monkeypatch):
 
 
 def test_splitting_rule(monkeypatch):
-    """Split only with at most half as many (batch, head) pairs as SMs, into pieces until as many
-    (pair, piece)s as SMs (twice as many under a learned decay; none under 1024 tokens); CPU tensors never split."""
+    """Split into the most pieces with at most one (pair, piece) per SM (four under a learned decay), none
+    under 1024 tokens; CPU tensors never split."""
     from lightgen import launch
 
     monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
@@ -103,11 +103,12 @@ def test_splitting_rule(monkeypatch):
         return launch.segments(lightgen.Variant.parse(spec), (b, n, 16, 128), torch.bfloat16, device)
 
     assert pieces(8, 8192) == 1  # 128 pairs
-    assert pieces(4, 16384) == 4  # 64 pairs -> 256
-    assert pieces(1, 65536) == 16  # 16 pairs -> 256, pieces of 4096
+    assert pieces(4, 16384) == 2  # 64 pairs -> 128
+    assert pieces(2, 32768) == 4
+    assert pieces(1, 65536) == 8  # 16 pairs -> 128, pieces of 8192
     assert pieces(1, 3000) == 2  # 1500-token pieces; 750 would be too short
     assert pieces(1, 1001) == 1  # odd
-    assert pieces(1, 65536, "decay=vector,causal,dk=128,dv=128") == 32  # learned decays: 2x the SMs -> 512
+    assert pieces(1, 65536, "decay=vector,causal,dk=128,dv=128") == 32  # learned decays: 4x the SMs -> 512
     assert pieces(4, 16384, "decay=scalar,causal,dk=128,dv=128") == 8
     assert pieces(1, 65536, device=torch.device("cpu")) == 1
 
