@@ -3,6 +3,7 @@
 The tuner tests are dry runs under Triton's interpreter with tiny shapes: they check the pipeline
 (child-process trials, failure handling, journal resume, recording), not speed.
 """
+import itertools
 import math
 import warnings
 
@@ -269,6 +270,27 @@ def test_a_study_starts_from_the_default_then_its_hints(tmp_path, optuna, store)
     # screening: the default is measured in full, every later trial against the best so far
     assert [r["beat_ms"] for r in worker.requests[1:]] == [None] + [1.0] * (len(trials) - 1)
     assert result["params"] == default and result["ms"] == 1.0 and result["seconds"] >= 0
+
+
+def test_a_space_the_budget_covers_is_walked_through(tmp_path, optuna):
+    # TPE repeats itself in a small space (a repeat counts as a trial) and can miss its best: with as many
+    # trials as configs, every config is run once
+    from lightgen import tune
+
+    variant = Variant.parse(SPEC)
+    default = launch.heuristic(variant, "fwd", interpreted=True)
+    dists = tune.space(optuna, variant, "fwd", default)
+    every = [dict(zip(dists, values)) for values in itertools.product(*(d.choices for d in dists.values()))]
+    best = every[-1] if every[-1] != {k: default[k] for k in dists} else every[-2]
+    env = dict(arch="sm90", gpu=GPU, triton=configs.triton_version(), device="cpu", heads=2, tokens=64,
+               trials=len(every), seed=0, interpreted=True, directory=tmp_path / "store", deadline=math.inf)
+    worker = _RecordingWorker(lambda p: 1.0 if {k: p[k] for k in dists} == best else 2.0)
+    bar = type("Bar", (), {"write": print, "set_postfix_str": lambda self, s: None})()
+    result = tune._tune_study(optuna, tune._journal(optuna, tmp_path / "j.journal"), worker, variant,
+                              tune._Study("fp32", 32, 2, 32, "fwd"), env, bar)
+    run = [{k: r["params"][k] for k in dists} for r in worker.requests[1:]]
+    assert sorted(map(str, run)) == sorted(map(str, every))  # each config once
+    assert {k: result["params"][k] for k in dists} == best and result["ms"] == 1.0
 
 
 def test_a_slow_config_is_screened_not_measured_in_full(monkeypatch):
