@@ -257,6 +257,27 @@ def segments(variant, shape, dtype, device) -> int:
     return pieces
 
 
+def state_split(variant, shape, segments, device) -> int:
+    """How many finer pieces each of the `segments` pieces is cut into for the state passes (1: none). A state
+    pass runs on all pieces but one per sequence, P - 1 programs per pair: with few pairs they leave SMs idle
+    (64 pairs of 16K as 2 pieces: 64 programs on 132 SMs). Finer pieces fill them; the scan then sums more
+    states, and returns one per piece. As for segments(): the most with at most one program per SM, none under
+    1024 tokens. Measured on H100 (bf16, 65,536 tokens, H * D = 2048, session 13), fwd / fwd+bwd ms by finer:
+    TNL D = 128, 64 programs (16K): 1: 0.505 / 1.753, 2: 0.475 / 1.696, 4: 0.488 / 1.716, 8: 0.501 / 1.746;
+    96 programs (32K): 1: 0.531 / 1.832, 2: 0.535 / 1.812, 4: 0.545 / 1.832; 112 (64K): 1: 0.539 / 1.899,
+    2: 0.553 / 1.852. D = 64, 64 programs (32K): 1: 0.532 / 1.645, 2: 0.488 / 1.551, 4: 0.487 / 1.549.
+    decay=none D = 128, 16K: 1: 0.487 / 1.685, 2: 0.479 / 1.661."""
+    if segments == 1 or device.type != "cuda":
+        return 1
+    b, n, h, _ = shape
+    programs = b * h * (segments - 1)
+    finer = 1
+    while (2 * finer * programs <= _sm_count(device) and n % (2 * finer * segments) == 0
+           and n // (2 * finer * segments) >= 1024):
+        finer *= 2
+    return finer
+
+
 def walked_length(variant, shape, dtype, device) -> int:
     """The sequence length each program walks for inputs of `shape` [B, N, H, D]: N, or a piece's under
     sequence splitting. Tuned entries are keyed and looked up by its bucket: 16K split into 4 pieces

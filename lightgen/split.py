@@ -6,7 +6,9 @@ prefix sum over pieces gives the state each piece receives; the forward kernel r
 once from those states. Backward, the same in reverse: each piece's outputs send a gradient to the
 state before it (bwd_state, from q and dO alone); a decayed suffix sum gives the gradient of the state
 after each piece, which the backward kernels of all pieces take as their final state's gradient.
-The price: k and v are read once more in the forward, q and dO in the backward.
+The price: k and v are read once more in the forward, q and dO in the backward. The state passes may
+cut the pieces finer still (launch.state_split) so that their programs fill the GPU: the scan walks the
+finer pieces and returns one state per piece.
 
 Here: the views, and the scans over pieces (a kernel of the pieces module: a sequential walk over the
 P pieces' [F, dv] fp32 states, which are small next to q, k, v, and exponentiates the pieces' decays
@@ -43,21 +45,24 @@ def scan_log_decays(variant, log_decay, shape, segments) -> torch.Tensor | None:
     return log_decay.view(b * segments, n // segments, *log_decay.shape[2:]).sum(1)
 
 
-def scan(module, own, log_decays, segments, length, start=None, reverse=False, last=False):
+def scan(module, own, log_decays, segments, length, start=None, reverse=False, last=False, every=1):
     """The pieces module's scan over [B * P, H, F, dv] states (see its comment), with start [B, H, F, dv]
     or None and the pieces' log decays d (scan_log_decays; `length` tokens per piece): forward, the state
     each piece starts from, E_(p-1) = exp(d_(p-1)) E_(p-2) + own_(p-1) from E_(-1) = start; reverse, the
     gradient of the state after each piece, dE_p = exp(d_(p+1)) dE_(p+1) + own_(p+1) (own: what each piece
-    sends back) from dE_(P-1) = start. last: also return where the walk ends ([B, H, F, dv]: the state after
-    the last piece; reverse, the gradient of the state before the first)."""
+    sends back) from dE_(P-1) = start. every: the P pieces are P / every groups (the state passes' finer
+    pieces of the kernels' pieces), and only each group's is returned ([B * P / every, H, F, dv]: the
+    state it starts from; reverse, the gradient of the state after it). last (every = 1): also return where
+    the walk ends ([B, H, F, dv]: the state after the last piece; reverse, the gradient of the state before
+    the first)."""
     h = own.shape[1]
     b = own.shape[0] // segments
     size = math.prod(own.shape[2:])  # (not own[0, 0].numel(): indexing is two more torch calls)
-    out = torch.empty_like(own)
+    out = own.new_empty(b * (segments // every), *own.shape[1:])
     end = own.new_empty(b, *own.shape[1:]) if last else None
     per_dim = (log_decays.shape[-1], own.shape[-1]) if log_decays is not None and log_decays.dim() == 3 else ()  # vector
     block = min(256, 1 << (size - 1).bit_length())  # many programs: each walks P pieces one after another
     module.scan[(b * h, -(-size // block))](
-        own, log_decays, start, out, end, segments, h, size, length, *per_dim, BLOCK=block,
+        own, log_decays, start, out, end, segments, h, size, length, every, *per_dim, BLOCK=block,
         REVERSE=reverse, HAS_START=start is not None, HAS_LAST=last)
     return (out, end) if last else out

@@ -50,16 +50,18 @@ def test_states(spec, n):
     check_variant(lightgen.Variant.parse(spec), b=2, n=n, h=2, dtype=DTYPES[0], device=DEVICE, states=True, offset=5)
 
 
-@pytest.mark.parametrize("segments,states", [(2, True), (4, True), (3, False)])
+@pytest.mark.parametrize("segments,finer,states", [(2, 1, True), (4, 1, True), (3, 1, False), (2, 2, True), (3, 2, False)])
 @pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=none,causal,dk=32,dv=16",
                                   "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32",
                                   "decay=vector,causal,lrpe=d,phi=silu,dk=16,dv=32"])
-def test_sequence_splitting(spec, segments, states, monkeypatch):
+def test_sequence_splitting(spec, segments, finer, states, monkeypatch):
     """Long sequences cut into pieces of a larger batch (forced here): same outputs, gradients, states.
-    (Pieces of 32, 24 and 48 tokens: full and partial chunks; the state passes run.)"""
+    (Pieces of 48, 32 and 24 tokens: full and partial chunks; the state passes run, on pieces cut finer
+    still when `finer` > 1: 24 and 16 tokens.)"""
     from lightgen import launch, ops
 
     monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
+    monkeypatch.setattr(launch, "state_split", lambda variant, shape, segments, device: finer)
     passes = []
     piece_states = ops._piece_states
     monkeypatch.setattr(ops, "_piece_states", lambda variant, kernel, *a, **kw: passes.append(kernel)
@@ -93,7 +95,7 @@ def test_gradient_through_the_final_state_alone(segments, monkeypatch):
 
 def test_splitting_rule(monkeypatch):
     """Split into the most pieces with at most one (pair, piece) per SM (four under a learned decay), none
-    under 1024 tokens; CPU tensors never split."""
+    under 1024 tokens; CPU tensors never split. The state passes cut the pieces finer by the same rule."""
     from lightgen import launch
 
     monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
@@ -108,6 +110,12 @@ def test_splitting_rule(monkeypatch):
     assert pieces(1, 65536) == 8  # 16 pairs -> 128, pieces of 8192
     assert pieces(1, 3000) == 2  # 1500-token pieces; 750 would be too short
     assert pieces(1, 1001) == 1  # odd
+    finer = lambda b, n, segments: launch.state_split(None, (b, n, 16, 128), segments, cuda)  # noqa: E731
+    assert finer(4, 16384, 2) == 2  # 64 programs (one piece of two per pair) -> 128
+    assert finer(2, 32768, 4) == 1  # 96: 192 would be more than one per SM
+    assert finer(1, 16384, 2) == 8  # 16 -> 128, of 1024 tokens
+    assert finer(1, 4096, 2) == 2  # 16 -> 32: 1024 tokens, none shorter
+    assert finer(8, 8192, 1) == 1  # not split
     assert pieces(1, 65536, "decay=vector,causal,dk=128,dv=128") == 32  # learned decays: 4x the SMs -> 512
     assert pieces(4, 16384, "decay=scalar,causal,dk=128,dv=128") == 8
     assert pieces(1, 65536, device=torch.device("cpu")) == 1
