@@ -4,6 +4,8 @@ On a CUDA machine the same tests run the compiled kernels in bf16 and fp16; on t
 fp16 (the interpreter's bf16 tl.dot is wrong, so bf16 is tested on the GPU only).
 """
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -42,3 +44,32 @@ def corpus_dir():
     except data.CorpusUnavailable as e:
         pytest.skip(f"corpus not cached and not downloadable: {e}")
     return str(data.data_dir())
+
+
+# a kernel with a run-time loop bound, as every lightgen kernel has
+_INTERPRETER_PROBE = """
+import torch, triton, triton.language as tl
+
+@triton.jit
+def count(X, N):
+    for i in range(0, N):
+        tl.store(X + i, i)
+
+x = torch.zeros(3)
+count[(1,)](x, 3)
+assert x.tolist() == [0.0, 1.0, 2.0], x
+"""
+
+
+@pytest.fixture(scope="session")
+def interpreter(tmp_path_factory):
+    """For the tests that run kernels under Triton's interpreter on purpose, also on a GPU machine (tuner dry
+    runs, CPU ranks): skips them where the interpreter cannot run our kernels. Triton 3.6's fails with numpy
+    2.4 ("only 0-dimensional arrays can be converted to Python scalars"), and the H100 image has both."""
+    probe = tmp_path_factory.mktemp("interpreter") / "probe.py"
+    probe.write_text(_INTERPRETER_PROBE)
+    done = subprocess.run([sys.executable, str(probe)], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines() or ["(no output)"]
+        pytest.skip(f"Triton's interpreter cannot run a kernel here: {lines[-1]}")

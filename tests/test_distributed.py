@@ -102,7 +102,9 @@ def test_tensor_parallel_2_ranks(tmp_path):
 
 
 @pytest.mark.parametrize("world, kernels", [(2, True), (4, False)], ids=["2ranks-kernels", "4ranks-reference"])
-def test_sequence_parallel(tmp_path, world, kernels):
+def test_sequence_parallel(tmp_path, world, kernels, request):
+    if kernels:  # the ranks run the kernels on the CPU
+        request.getfixturevalue("interpreter")
     result = launch(f"sp{world}", world, tmp_path, kernels=kernels)
     for method in METHODS:
         check_matches(result[method])

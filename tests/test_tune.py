@@ -141,7 +141,7 @@ def dry_run(tmp_path, **kw):
     return tune.tune(SPEC, **{**args, **kw})
 
 
-def test_dry_run_records_and_resumes(tmp_path, optuna, monkeypatch):
+def test_dry_run_records_and_resumes(tmp_path, optuna, interpreter, monkeypatch):
     from lightgen import tune
 
     results = dry_run(tmp_path)
@@ -168,7 +168,7 @@ def test_dry_run_records_and_resumes(tmp_path, optuna, monkeypatch):
     assert [t.number for t in trials_of(optuna, tmp_path / "tune" / "studies.journal")] == [0, 1, 2, 3]
 
 
-def test_split_lengths_are_keyed_by_the_pieces_they_launch(tmp_path, optuna, monkeypatch):
+def test_split_lengths_are_keyed_by_the_pieces_they_launch(tmp_path, optuna, interpreter, monkeypatch):
     # on the GPU a long sequence with few (batch, head) pairs launches as pieces (launch.segments), and
     # lookups go by a piece's length: the tuner must record under that bucket, not the sequence's
     monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: 4 if shape[1] >= 64 else 1)
@@ -177,7 +177,7 @@ def test_split_lengths_are_keyed_by_the_pieces_they_launch(tmp_path, optuna, mon
     assert {k.n_bucket for k, _ in configs.entries(tmp_path / "store")} == {16}
 
 
-def test_lengths_that_launch_alike_are_tuned_once(tmp_path, optuna, monkeypatch):
+def test_lengths_that_launch_alike_are_tuned_once(tmp_path, optuna, interpreter, monkeypatch):
     # tokens fixed at 64: 32 x 2 unsplit and 64 x 1 in 2 pieces both launch 2 rows of 32 tokens
     monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: max(1, shape[1] // 32))
     results = dry_run(tmp_path, seqlens=(16, 32, 64), kernels=("fwd", "bwd_dq"), trials=1, tokens=64)
@@ -187,7 +187,7 @@ def test_lengths_that_launch_alike_are_tuned_once(tmp_path, optuna, monkeypatch)
     assert {k.n_bucket for k, _ in configs.entries(tmp_path / "store")} == {16, 32}
 
 
-def test_warm_up_compiles_the_whole_space_in_parallel(tmp_path, optuna, capsys):
+def test_warm_up_compiles_the_whole_space_in_parallel(tmp_path, optuna, interpreter, capsys):
     from lightgen import tune
 
     results = dry_run(tmp_path, seqlens=(32,), kernels=("fwd", "bwd_dq"), trials=1, jobs=2, progress=True)
@@ -201,7 +201,7 @@ def test_warm_up_compiles_the_whole_space_in_parallel(tmp_path, optuna, capsys):
 
 
 @pytest.mark.parametrize("fault, reason", [("exit", "warm-up process died (exit code 70)"), ("raise", "injected fault")])
-def test_configs_that_fail_in_the_warm_up_are_not_run_again(tmp_path, optuna, monkeypatch, capsys, fault, reason):
+def test_configs_that_fail_in_the_warm_up_are_not_run_again(tmp_path, optuna, interpreter, monkeypatch, capsys, fault, reason):
     """A config that crashes its warm-up child (or raises there) fails its trial without the trial worker
     running it; the rest of a dead child's share goes to the next round's children."""
     from lightgen import tune
@@ -221,7 +221,7 @@ def test_configs_that_fail_in_the_warm_up_are_not_run_again(tmp_path, optuna, mo
 
 @pytest.mark.parametrize("fault, reason", [("exit", "worker process died (exit code 70)"),
                                            ("raise", "injected fault"), ("wrong", "wrong result")])
-def test_failing_trials_are_recorded_as_failed(tmp_path, optuna, monkeypatch, fault, reason):
+def test_failing_trials_are_recorded_as_failed(tmp_path, optuna, interpreter, monkeypatch, fault, reason):
     monkeypatch.setenv("LIGHTGEN_TUNE_FAULT", fault)  # every trial but the default misbehaves
     (result,) = dry_run(tmp_path, seqlens=(32,), kernels=("fwd",), trials=3)
     default = launch.heuristic(Variant.parse(SPEC), "fwd", interpreted=True)
@@ -355,7 +355,7 @@ def test_scalar_decay_case_finds_the_decay_gradient_parts():
     assert kernel.error(default) == 0
 
 
-def test_hanging_trial_is_killed(tmp_path, optuna, monkeypatch):
+def test_hanging_trial_is_killed(tmp_path, optuna, interpreter, monkeypatch):
     monkeypatch.setenv("LIGHTGEN_TUNE_FAULT", "hang")
     (result,) = dry_run(tmp_path, seqlens=(32,), kernels=("fwd",), trials=2, trial_timeout_s=3)
     assert result["failed"] == 1 and "ms" in result
@@ -400,7 +400,7 @@ def test_cli_help_and_no_cuda(capsys):
     assert cli_main(["tune", SPEC, "--device", "cpu", "--seqlens", "1x"]) == 2
 
 
-def test_cli_dry_run(tmp_path, optuna, monkeypatch, capsys):
+def test_cli_dry_run(tmp_path, optuna, interpreter, monkeypatch, capsys):
     monkeypatch.setenv("LIGHTGEN_TUNED_DIR", str(tmp_path / "user"))
     argv = ["tune", SPEC, "--device", "cpu", "--kernels", "bwd_dkv", "--seqlens", "48", "--trials", "2",
             "--storage", str(tmp_path / "j.journal")]
