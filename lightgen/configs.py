@@ -1,8 +1,9 @@
 """Tuned-config store: launch parameters found by the tuner, one JSON file per GPU arch.
 
 A key (ConfigKey) names one launch situation: GPU arch and device name, Triton major.minor,
-variant hash, kernel ("fwd", "bwd", ...), head dims dk/dv, dtype, and the sequence length
-rounded up to a power of two (n_bucket). Its value is
+the hash of the kernel's generated code (field `variant`: render.kernel_key), kernel ("fwd",
+"bwd_dq", ...), head dims dk/dv, dtype, and the sequence length rounded up to a power of two
+(n_bucket). Its value is
 
     {"params": {"C": 64, "BV": 64, "num_warps": 4, ...}, "ms": 0.41, "date": "2025-01-31", "trials": 60}
 
@@ -35,7 +36,7 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import date
 from pathlib import Path
 from typing import Iterable
@@ -431,6 +432,25 @@ def _update(path: Path, new: Iterable[tuple[ConfigKey, dict]]) -> int:
         if changed:
             _write(path, entries, bad)
         return changed
+
+
+def rekey(path, variants: dict[tuple[str, str], str]) -> int:
+    """Move the entries of one store file to new variant hashes, under its lock: `variants` maps
+    (variant, kernel) to the new variant field (where kernels' code is keyed differently than when
+    they were tuned). On a clash the faster entry stays; unreadable entries are carried along.
+    Returns how many entries moved."""
+    path = Path(path)
+    with FileLock(str(path) + ".lock"):
+        data = _load_source(path)
+        entries, moved = {}, 0
+        for key, value in sorted(data.entries.items(), key=lambda kv: kv[1]["ms"], reverse=True):
+            new = variants.get((key.variant, key.kernel))
+            if new is not None:
+                key, moved = replace(key, variant=new), moved + 1
+            entries[key] = value  # (slowest first: the faster of a clash is written last)
+        if moved:
+            _write(path, entries, list(data.bad))
+        return moved
 
 
 def record(key: ConfigKey, params: dict, ms: float, trials: int, directory=None) -> bool:

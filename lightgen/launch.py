@@ -166,9 +166,9 @@ def problem(p: dict, variant, kernel: str | None = None) -> str | None:
 # ---- lookup --------------------------------------------------------------------------------
 
 # (variant, kernel, dtype, device) -> the configs.lookup arguments but n: the hot path costs one
-# dict lookup here plus configs' stat check (the source key and the device's arch are not free).
-# Entries are keyed by the generated source's key, not the variant's hash: a template change
-# makes the kernels new, and their old tuned entries no longer apply.
+# dict lookup here plus configs' stat check (the kernel's key and the device's arch are not free).
+# Entries are keyed by the generated kernel's code (render.kernel_key), not the variant's hash: a
+# template change makes the kernels it touches new, and their old tuned entries no longer apply.
 _keys: dict[tuple, tuple] = {}
 _warned: set[tuple] = set()
 
@@ -178,7 +178,8 @@ def _lookup_args(variant, kernel, dtype, device) -> tuple:
     args = _keys.get(key)
     if args is None:
         arch, gpu = configs.current_arch(device)
-        args = (arch, gpu, configs.triton_version(), render.source_key(variant), kernel, variant.dk, variant.dv, dtype)
+        args = (arch, gpu, configs.triton_version(), render.kernel_key(variant, kernel), kernel, variant.dk, variant.dv,
+                dtype)
         _keys[key] = args
     return args
 

@@ -1,6 +1,7 @@
 """Jinja rendering: a Variant plus its symbolic pieces -> the source text of its kernel module."""
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 from pathlib import Path
@@ -31,13 +32,46 @@ def template_dir() -> Path:
 
 
 def source_key(variant: Variant, templates: Path | None = None, module: str = "main") -> str:
-    """Hash of the generated source itself: it names the cached file and keys tuned launch configs,
-    so a template edit that leaves a variant's kernels as they were keeps their tuned entries."""
+    """Hash of the generated module's source itself: it names the cached file (tuned launch configs are
+    keyed per kernel, kernel_key)."""
     templates = templates or template_dir()
-    # on every kernel call: stat the templates (cheap), re-read and hash them only when they changed
+    return _rendered_key(variant, str(templates), _templates_state(templates), module)
+
+
+def kernel_key(variant: Variant, kernel: str, templates: Path | None = None) -> str:
+    """Hash of one kernel's generated code in the main module: its function, and what every kernel shares
+    (imports, constants, the helper functions), but not the module's docstring or its other kernels.
+    Tuned launch configs are keyed by it, so a template edit keeps the tuned entries of every kernel it
+    leaves as it was. (The varlen module's kernels take the main ones' entries.)"""
+    templates = templates or template_dir()
+    return _kernel_key(variant, str(templates), _templates_state(templates), kernel)
+
+
+@functools.lru_cache(maxsize=512)
+def _kernel_key(variant: Variant, templates: str, templates_digest: str, kernel: str) -> str:
+    source = render(variant, Path(templates), "main")
+    lines = source.splitlines(keepends=True)
+    shared, own = [], None
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the module's docstring
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        text = "".join(lines[first - 1:node.end_lineno])
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            if node.name == kernel:
+                own = text
+        else:
+            shared.append(text)
+    if own is None:
+        raise ValueError(f"kernel={kernel!r}: the {variant} module has no such kernel")
+    return hashlib.sha256("".join(shared + [own]).encode()).hexdigest()[:20]
+
+
+def _templates_state(templates: Path) -> str:
+    """The templates' digest. Stats them (cheap, on every call) and re-reads and hashes them only when they changed."""
     stats = [(p.name, p.stat()) for p in sorted(templates.glob("*.j2"))]
     stamps = tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats)
-    return _rendered_key(variant, str(templates), _templates_digest(str(templates), stamps), module)
+    return _templates_digest(str(templates), stamps)
 
 
 @functools.lru_cache(maxsize=16)

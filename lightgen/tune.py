@@ -222,8 +222,8 @@ def _tune_study(optuna, store, worker, variant, plan: _Study, env, bar, hints=()
     start = time.monotonic()
     kernel, dtype, n, walked = plan.kernel, plan.dtype, plan.n, plan.walked
     # keyed by the length the kernels walk, as lookups are: a split sequence launches as pieces
-    key = configs.ConfigKey(env["arch"], env["gpu"], env["triton"], render.source_key(variant), kernel, variant.dk, variant.dv,
-                            dtype, configs.n_bucket(walked))
+    key = configs.ConfigKey(env["arch"], env["gpu"], env["triton"], render.kernel_key(variant, kernel), kernel,
+                            variant.dk, variant.dv, dtype, configs.n_bucket(walked))
     default = launch.heuristic(variant, kernel, interpreted=env["interpreted"])
     dists = space(optuna, variant, kernel, default)
     mine = {name: default[name] for name in dists}

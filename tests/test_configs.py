@@ -188,6 +188,39 @@ def test_merge_files_keeps_faster(tmp_path):
     assert got[2048]["ms"] == 2.0
 
 
+def test_rekey_moves_entries_and_keeps_the_faster_on_a_clash(tmp_path):
+    configs.record(key(1024, variant="old"), params(1), 2.0, 3, directory=tmp_path)
+    configs.record(key(2048, variant="old"), params(1), 1.0, 3, directory=tmp_path)
+    configs.record(key(1024, variant="new"), params(2), 3.0, 3, directory=tmp_path)  # slower: replaced
+    configs.record(key(2048, variant="new"), params(2), 0.5, 3, directory=tmp_path)  # faster: stays
+    configs.record(key(1024, variant="old", kernel="bwd_dq"), params(3), 1.0, 3, directory=tmp_path)  # not named
+    path = tmp_path / "sm90.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "entries": doc["entries"] + ["not an entry"]}))
+    with pytest.warns(ConfigStoreWarning, match="1 unreadable"):
+        assert configs.rekey(path, {("old", "fwd"): "new", ("gone", "fwd"): "x"}) == 2
+    with pytest.warns(ConfigStoreWarning, match="1 unreadable"):
+        got = {(k.variant, k.kernel, k.n_bucket): v["params"]["C"] for k, v in configs.entries(tmp_path)}
+    assert got == {("new", "fwd", 1024): 1, ("new", "fwd", 2048): 2, ("old", "bwd_dq", 1024): 3}
+    assert json.loads(path.read_text())["entries"][-1] == "not an entry"  # carried along
+
+
+def test_the_shipped_entries_are_keyed_by_kernels_of_the_current_templates():
+    """Every shipped entry for the variants tuned on the H100 is found by the key lookups use now
+    (a template change that resets them shows here, not as a silent fall-back on the GPU)."""
+    from lightgen import launch, render
+    from lightgen.spec import Variant
+
+    specs = ["decay=constant,causal,dk=128,dv=128", "decay=constant,causal,dk=64,dv=64",
+             "decay=none,causal,dk=128,dv=128", "decay=none,causal,dk=64,dv=64"]
+    shipped = {(k.variant, k.kernel, k.dk, k.dtype) for k, _ in configs.entries(configs.shipped_dir())}
+    for spec in specs:
+        variant = Variant.parse(spec)
+        for kernel in launch.kernels(variant):
+            for dtype in ("bf16", "fp16"):
+                assert (render.kernel_key(variant, kernel), kernel, variant.dk, dtype) in shipped, (spec, kernel, dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # robustness
 

@@ -5,6 +5,7 @@ The tuner tests are dry runs under Triton's interpreter with tiny shapes: they c
 """
 import itertools
 import math
+import shutil
 import warnings
 
 import pytest
@@ -33,8 +34,8 @@ def store(store, monkeypatch):
 
 
 def record(params, n=4096, kernel="fwd", dtype="bf16", variant=VARIANT):
-    key = configs.ConfigKey("sm90", GPU, configs.triton_version(), render.source_key(variant), kernel, variant.dk, variant.dv,
-                            dtype, n)
+    key = configs.ConfigKey("sm90", GPU, configs.triton_version(), render.kernel_key(variant, kernel), kernel, variant.dk,
+                            variant.dv, dtype, n)
     configs.record(key, params, 1.0, 10)
 
 
@@ -68,9 +69,42 @@ def test_entries_do_not_depend_on_the_scale(store):
     record({"C": 64, "BK": 32, "BV": 32, "num_warps": 4, "num_stages": 3})
     for scale in ("", ",scale=1", ",scale=0.37"):
         other = Variant.parse(f"decay=constant,causal,dk=64,dv=32{scale}")
-        assert render.source_key(other) == render.source_key(VARIANT)
+        assert render.kernel_key(other, "fwd") == render.kernel_key(VARIANT, "fwd")
         assert launch.params(other, "fwd", torch.bfloat16, 4096, CUDA0)["C"] == 64
-    assert render.source_key(Variant.parse("decay=none,causal,dk=64,dv=32")) != render.source_key(VARIANT)
+    assert render.kernel_key(Variant.parse("decay=none,causal,dk=64,dv=32"), "fwd") != render.kernel_key(VARIANT, "fwd")
+
+
+def test_a_template_edit_resets_only_the_entries_of_the_kernels_it_touches(tmp_path):
+    """Entries are keyed by each kernel's generated code (render.kernel_key), not by the whole module's."""
+    shutil.copytree(render.template_dir(), tmp_path / "t")
+    main = tmp_path / "t" / "kernels.py.j2"
+    keys = lambda: {k: render.kernel_key(VARIANT, k, tmp_path / "t") for k in launch.kernels(VARIANT)}  # noqa: E731
+    before, module = keys(), render.source_key(VARIANT, tmp_path / "t")
+    assert len(set(before.values())) == len(before)  # one key per kernel
+    main.write_text(main.read_text().replace("-- do not edit;", "-- do not edit by hand;"))  # the docstring
+    assert keys() == before and render.source_key(VARIANT, tmp_path / "t") != module
+    main.write_text(main.read_text().replace("# One reverse sweep for dk and dv", "# One backward sweep for dk and dv"))
+    after = keys()
+    assert after["bwd_dkv"] != before["bwd_dkv"]
+    assert {k: v for k, v in after.items() if k != "bwd_dkv"} == {k: v for k, v in before.items() if k != "bwd_dkv"}
+    with pytest.raises(ValueError, match="kernel='bwd'"):
+        render.kernel_key(VARIANT, "bwd")
+
+
+def test_module_keyed_entries_move_to_their_kernels_keys(tmp_path, capsys):
+    """tools/rekey_tuned.py: entries keyed by a variant's whole module (before per-kernel keys) move to the
+    keys of its kernels; entries of other variants stay."""
+    from tools import rekey_tuned
+
+    module, other = render.source_key(VARIANT), "0123456789abcdef0123"
+    for variant, kernel in ((module, "fwd"), (module, "bwd_dkv"), (other, "fwd")):
+        configs.record(configs.ConfigKey("sm90", GPU, "3.6", variant, kernel, 64, 32, "bf16", 4096), TUNED, 1.0, 3,
+                       directory=tmp_path)
+    assert rekey_tuned.main([str(tmp_path / "sm90.json"), "decay=constant,causal,dk=64,dv=32"]) == 0
+    assert "moved 2 entries" in capsys.readouterr().out
+    got = {(k.variant, k.kernel) for k, _ in configs.entries(tmp_path)}
+    assert got == {(render.kernel_key(VARIANT, "fwd"), "fwd"), (render.kernel_key(VARIANT, "bwd_dkv"), "bwd_dkv"),
+                   (other, "fwd")}
 
 
 def test_miss_warns_once_and_uses_the_heuristic(store):
@@ -259,7 +293,7 @@ def test_a_study_starts_from_the_default_then_its_hints(tmp_path, optuna, store)
     tuned = tune._Study("fp32", 32, 2, 32, "fwd")
     env = dict(arch="sm90", gpu=GPU, triton=configs.triton_version(), device="cpu", heads=2, tokens=64, trials=4,
                seed=0, interpreted=True, directory=tmp_path / "store", deadline=math.inf)
-    key = configs.ConfigKey("sm90", GPU, env["triton"], render.source_key(variant), "fwd", 16, 16, "fp32", 32)
+    key = configs.ConfigKey("sm90", GPU, env["triton"], render.kernel_key(variant, "fwd"), "fwd", 16, 16, "fp32", 32)
     configs.record(key, recorded, 5.0, 4)  # the store's entry for this key is the third guess
     worker = _RecordingWorker(lambda p: 1.0 if p == default else 2.0)
     bar = type("Bar", (), {"write": print, "set_postfix_str": lambda self, s: None})()
