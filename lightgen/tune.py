@@ -42,6 +42,9 @@ SEQLENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 # measured on H100 (Triton 3.6): 128-token chunks run out of shared memory at D = 128 and never won at
 # D = 64; 2 warps, 16 warps and 1 stage were never close; 16-token chunks win where the state is large (LRPE)
 CHUNKS, TILES, WARPS, STAGES = (16, 32, 64), (32, 64, 128), (4, 8), (2, 3)
+# ... but bwd_dkv: every tuned entry of it took 3 stages (38 of 38, session 13), and 4 ran the D = 128 TNL's
+# in 0.723 ms against 0.750 at 3 (2 stages: 1.16), so its stages are 3 and 4 (the space keeps its size)
+KERNEL_STAGES = {"bwd_dkv": (3, 4)}
 # largest relative error (Frobenius) of a trial's outputs against the default config's: configs only
 # reorder fp32 sums, a miscompile is off by O(1) or leaves NaN (outputs are NaN-filled before a run)
 AGREE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2}
@@ -81,7 +84,7 @@ def space(optuna, variant, kernel: str, default: dict) -> dict:
     dim = variant.dk if TILE[kernel] == "BK" else variant.dv
     # the tiles launch.problem accepts: dividing the head dim (and, for a fused norm, the whole row)
     tiles = [t for t in (*TILES, dim) if launch.problem({**default, TILE[kernel]: t}, variant, kernel) is None]
-    choices = {"C": CHUNKS, TILE[kernel]: tiles, "num_warps": WARPS, "num_stages": STAGES}
+    choices = {"C": CHUNKS, TILE[kernel]: tiles, "num_warps": WARPS, "num_stages": KERNEL_STAGES.get(kernel, STAGES)}
     cat = optuna.distributions.CategoricalDistribution
     return {name: cat(sorted(set(values) | {default[name]})) for name, values in choices.items()}
 

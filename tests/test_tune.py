@@ -234,6 +234,17 @@ def test_warm_up_compiles_the_whole_space_in_parallel(tmp_path, optuna, interpre
     assert f"warm-up: {points} configs launched (0 failed)" in capsys.readouterr().out
 
 
+def test_bwd_dkv_searches_3_and_4_stages(optuna):
+    """bwd_dkv's stages are 3 and 4 (2 never won it), the other kernels' 2 and 3: spaces of one size."""
+    from lightgen import tune
+
+    variant = Variant.parse("decay=constant,causal,dk=128,dv=128")
+    spaces = {k: tune.space(optuna, variant, k, launch.heuristic(variant, k, False)) for k in ("fwd", "bwd_dkv")}
+    assert spaces["bwd_dkv"]["num_stages"].choices == (3, 4) and spaces["fwd"]["num_stages"].choices == (2, 3)
+    sizes = {k: math.prod(len(d.choices) for d in dists.values()) for k, dists in spaces.items()}
+    assert sizes["fwd"] == sizes["bwd_dkv"] <= 40  # the default trial budget walks it through
+
+
 @pytest.mark.parametrize("fault, reason", [("exit", "warm-up process died (exit code 70)"), ("raise", "injected fault")])
 def test_configs_that_fail_in_the_warm_up_are_not_run_again(tmp_path, optuna, interpreter, monkeypatch, capsys, fault, reason):
     """A config that crashes its warm-up child (or raises there) fails its trial without the trial worker
