@@ -258,7 +258,7 @@ def segments(variant, shape, dtype, device) -> int:
     return pieces
 
 
-def state_split(variant, shape, segments, device) -> int:
+def state_split(shape, segments, device) -> int:
     """How many finer pieces each of the `segments` pieces is cut into for the state passes (1: none). A state
     pass runs on all pieces but one per sequence, P - 1 programs per pair: with few pairs they leave SMs idle
     (64 pairs of 16K as 2 pieces: 64 programs on 132 SMs). Finer pieces fill them; the scan then sums more

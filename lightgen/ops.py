@@ -386,7 +386,7 @@ def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segm
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
-    finer = launch.state_split(variant, q.shape, segments, q.device)  # the state pass's pieces per piece
+    finer = launch.state_split(q.shape, segments, q.device)  # the state pass's pieces per piece
     module, own, decays = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset, segments * finer,
                                         skip=finer)  # (the last piece's own state is not needed)
     received = split.scan(module, own, decays, segments * finer, n // (segments * finer), h0, every=finer)
@@ -469,7 +469,7 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     pieces = functools.partial(split.as_pieces, segments=segments)
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
-    finer = launch.state_split(variant, q.shape, segments, q.device)  # as in the forward
+    finer = launch.state_split(q.shape, segments, q.device)  # as in the forward
     pieces_module, own, decays = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset,
                                                segments * finer, skip=finer)
     sent = split.scan(pieces_module, own, decays, segments * finer, n // (segments * finer), dht, reverse=True,

@@ -61,7 +61,7 @@ def test_sequence_splitting(spec, segments, finer, states, monkeypatch):
     from lightgen import launch, ops
 
     monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
-    monkeypatch.setattr(launch, "state_split", lambda variant, shape, segments, device: finer)
+    monkeypatch.setattr(launch, "state_split", lambda shape, segments, device: finer)
     passes = []
     piece_states = ops._piece_states
     monkeypatch.setattr(ops, "_piece_states", lambda variant, kernel, *a, **kw: passes.append(kernel)
@@ -110,7 +110,7 @@ def test_splitting_rule(monkeypatch):
     assert pieces(1, 65536) == 8  # 16 pairs -> 128, pieces of 8192
     assert pieces(1, 3000) == 2  # 1500-token pieces; 750 would be too short
     assert pieces(1, 1001) == 1  # odd
-    finer = lambda b, n, segments: launch.state_split(None, (b, n, 16, 128), segments, cuda)  # noqa: E731
+    finer = lambda b, n, segments: launch.state_split((b, n, 16, 128), segments, cuda)  # noqa: E731
     assert finer(4, 16384, 2) == 2  # 64 programs (one piece of two per pair) -> 128
     assert finer(2, 32768, 4) == 1  # 96: 192 would be more than one per SM
     assert finer(1, 16384, 2) == 8  # 16 -> 128, of 1024 tokens
