@@ -251,11 +251,7 @@ def segments(variant, shape, dtype, device) -> int:
     if device.type != "cuda":
         return 1
     b, n, h, _ = shape
-    most = (4 if variant.learned_decay else 1) * _sm_count(device) // (b * h)  # (pair, piece)s per pair
-    pieces = 1
-    while 2 * pieces <= most and n % (2 * pieces) == 0 and n // (2 * pieces) >= 1024:
-        pieces *= 2
-    return pieces
+    return _most_cuts(n, 1, (4 if variant.learned_decay else 1) * _sm_count(device) // (b * h))
 
 
 def state_split(shape, segments, device) -> int:
@@ -272,12 +268,16 @@ def state_split(shape, segments, device) -> int:
     if segments == 1 or device.type != "cuda":
         return 1
     b, n, h, _ = shape
-    programs = b * h * (segments - 1)
-    finer = 1
-    while (2 * finer * programs <= _sm_count(device) and n % (2 * finer * segments) == 0
-           and n // (2 * finer * segments) >= 1024):
-        finer *= 2
-    return finer
+    return _most_cuts(n, segments, _sm_count(device) // (b * h * (segments - 1)))
+
+
+def _most_cuts(n: int, pieces: int, most: int) -> int:
+    """The largest power of two f <= most that cuts each of `pieces` equal pieces of an n-token sequence
+    into f equal pieces of at least 1024 tokens (1 if none does)."""
+    f = 1
+    while 2 * f <= most and n % (2 * f * pieces) == 0 and n // (2 * f * pieces) >= 1024:
+        f *= 2
+    return f
 
 
 def walked_length(variant, shape, dtype, device) -> int:
