@@ -31,20 +31,23 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor, scale=0.0) -> float:
     return ((actual.double() - expected).norm() / (expected.norm() + scale).clamp_min(1e-30)).item()
 
 
-def _dg_scale(variant, q, k, dq, dk, dtype, per_dim=False) -> float:
+def _dg_scale(q, k, dq, dk, dtype, per_dim=False, variant=None) -> float:
     """The size of the sums dg is the difference of (|f(q) dF(q)| + |f(k) dF(k)| per token, or per token
     and dim under decay=vector, summed from t on), times eps(dtype) / TOLERANCE[dtype]: where they cancel
     (dg is 0 at N = 1 exactly), dg's error may be about the rounding of those sums in the dtype (a few eps
     of them: measured on H100 in bf16, 2.5e-3 of them at N = 1), not a fraction of 0. Per input dim,
-    f(x) . dF(x) = phi(x) / phi'(x) * dx (LRPE's cos and sin features share phi(x)); for identity phi that
-    is x dx, and where phi(0) != 0 (sigmoid, elu+1) it is larger than x dx."""
+    f(x) . dF(x) = phi(x) / phi'(x) * dx (LRPE's cos and sin features share phi(x)); for identity phi (no
+    `variant`: the bench's peers take q and k as features) that is x dx, and where phi(0) != 0 (sigmoid,
+    elu+1) it is larger than x dx."""
     terms = (_over_slope(variant, q) * dq.double()).abs() + (_over_slope(variant, k) * dk.double()).abs()
     terms = terms if per_dim else terms.sum(-1)
     return torch.finfo(dtype).eps / TOLERANCE[dtype] * terms.flip(1).cumsum(1).flip(1).norm()
 
 
 def _over_slope(variant, x) -> torch.Tensor:
-    """phi(x) / phi'(x) in float64, 0 where phi' is 0 (there dx is 0 too)."""
+    """phi(x) / phi'(x) in float64 (x without a variant), 0 where phi' is 0 (there dx is 0 too)."""
+    if variant is None:
+        return x.double()
     x = x.detach().double().requires_grad_()
     with torch.enable_grad():
         fx = reference.phi(variant, x)
@@ -147,6 +150,6 @@ def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, 
     errors = {"o": rel_err(o, ref_o)}
     if states:
         errors["ht"] = rel_err(ht, ref_ht)
-    scales = {"dg": _dg_scale(variant, q, k, *ref_grads[:2], dtype, per_dim=g.dim() == 4)} if g is not None else {}
+    scales = {"dg": _dg_scale(q, k, *ref_grads[:2], dtype, per_dim=g.dim() == 4, variant=variant)} if g is not None else {}
     errors.update({name: rel_err(a, e, scales.get(name, 0.0)) for name, a, e in zip(names, grads, ref_grads)})
     return errors
