@@ -9,7 +9,8 @@ Contenders (each skipped with a note when not installed, never faked):
 Peers compute constant-decay causal attention with identity phi (fla: per-token decay g for
 decay=scalar); for other variants they are a yardstick of the field, not the same math. Floor: bytes moved once (fwd reads q, k, v and writes o;
 bwd reads q, k, v, dO and writes dq, dk, dv) at the measured device copy bandwidth.
-bench.json is rewritten after each row (atomically), so a run cut short keeps the rows it finished.
+lightgen's row also breaks one fwd+bwd down by kernel (GPU time each, kernel_times), which shows what keeps
+it from the floor. bench.json is rewritten after each row (atomically), so a run cut short keeps the rows it finished.
 
 fla-core's Hopper guard: fla-core 0.6.0 refuses chunk_bwd_dqkwg with a per-token decay g on Hopper with
 Triton 3.4 to 3.7.1 (fla issue #640: that Triton miscompiles the kernel at block width BK = 64; fla picks
@@ -124,6 +125,41 @@ def _time(fn, grad_of=None, do=None):
     def step():
         fn().backward(do)
     return min(do_bench(step, warmup=10, rep=60, return_mode="median", grad_to_none=grad_of) for _ in range(REPEATS))
+
+
+def kernel_times(fn, grad_of, do, calls=10) -> dict[str, dict]:
+    """Where one forward + backward of fn spends its GPU time: {kernel: {"ms": GPU ms per fwd+bwd, "launches":
+    per fwd+bwd}}, slowest first, from torch.profiler's CUDA events over `calls` calls (after warm-up). The
+    lightgen row's kernels: which of them keeps the call from its floor (each kernel against the bytes it
+    moves), and what the host adds (the eager time less their sum)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        fn().backward(do)
+        for t in grad_of:
+            t.grad = None
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    return tally(((e.name, e.device_time_total) for e in prof.events() if e.device_type.name == "CUDA"), calls)
+
+
+def tally(events, calls) -> dict[str, dict]:
+    """(kernel name, GPU microseconds) events of `calls` calls -> kernel_times' table (names cut at 60 characters:
+    torch's elementwise kernels have templated names of hundreds)."""
+    table: dict[str, dict] = {}
+    for name, us in events:
+        entry = table.setdefault(name[:60], {"ms": 0.0, "launches": 0})
+        entry["ms"] += us / 1e3 / calls
+        entry["launches"] += 1
+    for entry in table.values():
+        entry["launches"] = round(entry["launches"] / calls)
+    return dict(sorted(table.items(), key=lambda item: -item[1]["ms"]))
 
 
 # Contenders never captured. Both failed on the H100 (cudaErrorStreamCaptureInvalidated; torch 2.11, lightning-attn
@@ -264,6 +300,8 @@ def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384,
                     row[name]["graph_error"] = f"{type(err).__name__}: {str(err)[:200]}"
                     capture_failed = f"{name}'s capture failed at N = {n} (a failed capture can keep its memory)"
                     torch.cuda.synchronize()
+            if name == "lightgen" and "fwdbwd_ms" in row[name]:
+                row[name]["kernels"] = kernel_times(lambda: fn(q, k, v), leaves, tr(do))
             if name == "fla" and fla_same_math and "fwdbwd_ms" in row[name]:
                 try:  # the same inputs as timed: is fla's time one of right results?
                     errors = agreement(fns["lightgen"][0], fn, (q, k, v), do, log_decays)
@@ -426,6 +464,12 @@ def _print_row(row):
         cell += _agreement_note(r)
         cells.append(cell + ")")
     print(" | ".join(cells), flush=True)
+    kernels = ours.get("kernels")
+    if kernels:
+        total = sum(entry["ms"] for entry in kernels.values())
+        print("  lightgen's kernels per fwd+bwd (GPU ms): " + ", ".join(
+            f"{name} {entry['ms']:.3f}" + (f" (x{entry['launches']})" if entry["launches"] != 1 else "")
+            for name, entry in kernels.items()) + f"; sum {total:.3f} of {ours['fwdbwd_ms']:.3f} eager", flush=True)
 
 
 def _graph_note(r, ours) -> str:
