@@ -10,7 +10,7 @@ from helpers import train_step_keeping
 
 from tnl import TNLConfig
 from tnl.distributed.sequence_parallel import METHODS
-from tools import bench_dist, bench_sp, bench_tnl
+from tools import bench_dist, bench_sp, bench_sweep, bench_tnl
 from tools.llama_baseline import LlamaConfig, LlamaForCausalLM
 
 TINY = ["--config", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"]
@@ -259,3 +259,53 @@ def test_bench_row_marks_wrong_fla_results(capsys):
     _print_row(row)
     out = capsys.readouterr().out
     assert "agrees with lightgen (max rel err 2.0e-03)" in out and "wrong results" not in out
+
+
+@pytest.fixture
+def saved_sweep(tmp_path):
+    """Session 14's H100 bench runs (docs/measurements) laid out as a sweep's folder."""
+    from pathlib import Path
+    measurements = Path(__file__).resolve().parents[1] / "docs" / "measurements"
+    for name in bench_sweep.VARIANTS:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bench.json").write_text((measurements / f"bench_h100_{name}_s14.json").read_text())
+    return tmp_path
+
+
+def test_bench_sweep_reports_the_table_and_every_target(saved_sweep, capsys):
+    text = bench_sweep.main(["--report", str(saved_sweep)])
+    assert text == capsys.readouterr().out.rstrip("\n")
+    assert "| 16K | **0.476 / 1.685** | 0.474 / 1.678 | 1.31x / 1.69x; 1.31x / 1.69x | 2.23 / 2.71 (2.23 / 2.72) |" in text
+    lines = [line for line in text.splitlines() if line.startswith("- ")]
+    assert len(lines) == 4 * 7 + 1  # seven targets for each plain variant, and the full TNL's
+    # judged on each cell's lesser time: D = 128's 8K fwd+bwd replay (1.819 ms, a clock dip) does not count
+    assert "- tnl_d128: forward within 1.3x of the floor (x floor): NOT met: 1.31 at 16K, 1.43 at 32K, 1.49 at 64K" \
+        in lines[0]
+    assert lines[1].startswith("- tnl_d128: forward+backward within 1.6x of the floor (x floor): NOT met: 1.69 at 16K,")
+    assert "- tnl_d128: forward time per token flat over N, max / min at most 1.1: NOT met: 1.46 (64K over 8K)" in lines
+    assert "- tnl_d128: fla's chunk_simple_gla / lightgen, fwd+bwd, at least 2.0x: met (2.72-3.70)" in lines
+    assert "- tnl_d64: forward+backward within 1.6x of the floor (x floor): NOT met: 1.66 at 64K (all: 1.33-1.66)" in lines
+    assert "- none_d64: forward+backward within 1.6x of the floor (x floor): NOT met: 1.62 at 64K (all: 1.29-1.62)" in lines
+    assert lines[-1].startswith("- full_tnl_d128: the full TNL's time over the plain TNL's, at most 1.1x: NOT met: "
+                                "3.50 at 1K fwd, 4.65 at 1K fwdbwd")
+
+
+def test_bench_sweep_runs_only_what_is_missing(saved_sweep, monkeypatch):
+    import shutil
+    shutil.rmtree(saved_sweep / "none_d64")
+    cut = saved_sweep / "full_tnl_d128" / "bench.json"  # a run that stopped after two lengths
+    saved = json.loads(cut.read_text())
+    cut.write_text(json.dumps({**saved, "rows": saved["rows"][:2]}))
+    commands = []
+    monkeypatch.setattr(bench_sweep.subprocess, "run", lambda command, check: commands.append(command))
+    bench_sweep.main(["--out", str(saved_sweep)])
+    # the other three have every length: they do not run again
+    assert [command[4] for command in commands] == [bench_sweep.VARIANTS["none_d64"], bench_sweep.VARIANTS["full_tnl_d128"]]
+    assert commands[1][-2:] == ["--only", "lightgen"] and commands[0][-2] == "--seqlens"
+
+
+def test_bench_sweep_names_a_wrong_variant(tmp_path):
+    with pytest.raises(SystemExit, match="--only: tnl_d96: expected names from tnl_d128"):
+        bench_sweep.main(["--report", str(tmp_path), "--only", "tnl_d96"])
+    with pytest.raises(SystemExit, match="no <variant>/bench.json there"):
+        bench_sweep.main(["--report", str(tmp_path)])
