@@ -296,12 +296,20 @@ def test_bench_sweep_runs_only_what_is_missing(saved_sweep, monkeypatch):
     cut = saved_sweep / "full_tnl_d128" / "bench.json"  # a run that stopped after two lengths
     saved = json.loads(cut.read_text())
     cut.write_text(json.dumps({**saved, "rows": saved["rows"][:2]}))
+    (saved_sweep / "none_d128" / "bench.json").write_text('{"rows": [{"N": 1024')  # cut short: run again
     commands = []
-    monkeypatch.setattr(bench_sweep.subprocess, "run", lambda command, check: commands.append(command))
-    bench_sweep.main(["--out", str(saved_sweep)])
-    # the other three have every length: they do not run again
-    assert [command[4] for command in commands] == [bench_sweep.VARIANTS["none_d64"], bench_sweep.VARIANTS["full_tnl_d128"]]
-    assert commands[1][-2:] == ["--only", "lightgen"] and commands[0][-2] == "--seqlens"
+
+    def bench(command, check):
+        commands.append(command)
+        if command[4] == bench_sweep.VARIANTS["none_d128"]:  # a failing run ends neither the sweep nor the report
+            raise bench_sweep.subprocess.CalledProcessError(1, command)
+    monkeypatch.setattr(bench_sweep.subprocess, "run", bench)
+    text = bench_sweep.main(["--out", str(saved_sweep)])
+    assert "none_d128" not in text and "- tnl_d64: " in text
+    # the other two have every length: they do not run again
+    assert [command[4] for command in commands] == [bench_sweep.VARIANTS[name]
+                                                   for name in ("none_d128", "none_d64", "full_tnl_d128")]
+    assert commands[2][-2:] == ["--only", "lightgen"] and commands[1][-2] == "--seqlens"
 
 
 def test_bench_sweep_names_a_wrong_variant(tmp_path):

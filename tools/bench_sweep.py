@@ -53,12 +53,25 @@ def run(out: Path, names) -> None:
         command = [sys.executable, "-m", "lightgen.cli", "bench", VARIANTS[name], "--out", str(out / name),
                    "--seqlens", ",".join(map(str, SEQLENS))] + (["--only", "lightgen"] if name == FULL else [])
         print(f"{name}: {' '.join(command[1:])}", flush=True)
-        subprocess.run(command, check=True)
+        try:
+            subprocess.run(command, check=True)
+        except subprocess.CalledProcessError as err:  # the other variants still run; this one's rows so far stay
+            print(f"{name}: lightgen bench failed (exit {err.returncode}); the report has the rows it saved", flush=True)
 
 
 def load(folder: Path) -> dict | None:
+    """A run's bench.json, or None where there is none or it cannot be read (warned: the sweep runs it again)."""
     path = folder / "bench.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        if not isinstance(result.get("rows"), list):
+            raise ValueError("no list of rows")
+        return result
+    except (ValueError, AttributeError) as err:
+        print(f"warning: {path}: not a lightgen bench result ({err}); left out", file=sys.stderr)
+        return None
 
 
 def _times(cell: dict) -> dict | None:
@@ -71,7 +84,7 @@ def _times(cell: dict) -> dict | None:
 
 
 def _n(n: int) -> str:
-    return f"{n // 1024}K"
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
 def table(result: dict) -> str:
