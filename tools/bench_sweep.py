@@ -47,7 +47,7 @@ def parse_args(argv=None):
 def run(out: Path, names) -> None:
     for name in names:
         saved = load(out / name)
-        if saved and {row["N"] for row in saved["rows"]} >= set(SEQLENS):
+        if saved and {row.get("N") for row in saved["rows"]} >= set(SEQLENS):
             print(f"{name}: done before ({out / name / 'bench.json'})", flush=True)
             continue
         command = [sys.executable, "-m", "lightgen.cli", "bench", VARIANTS[name], "--out", str(out / name),
