@@ -127,6 +127,19 @@ def _time(fn, grad_of=None, do=None):
     return min(do_bench(step, warmup=10, rep=60, return_mode="median", grad_to_none=grad_of) for _ in range(REPEATS))
 
 
+def _step(fn, grad_of=None, do=None):
+    """One call of fn, or of fn and its backward (grad_of: the leaves, whose gradients each call writes
+    fresh, as grad_to_none gives eager timing)."""
+    def step():
+        if grad_of is None:
+            fn()
+            return
+        for t in grad_of:
+            t.grad = None
+        fn().backward(do)
+    return step
+
+
 def kernel_times(fn, grad_of, do, calls=10) -> dict[str, dict]:
     """Where one forward + backward of fn spends its GPU time: {kernel: {"ms": GPU ms per fwd+bwd, "launches":
     per fwd+bwd}}, slowest first, from torch.profiler's CUDA events over `calls` calls (after warm-up). The
@@ -134,11 +147,7 @@ def kernel_times(fn, grad_of, do, calls=10) -> dict[str, dict]:
     moves), and what the host adds (the eager time less their sum)."""
     from torch.profiler import ProfilerActivity, profile
 
-    def step():
-        fn().backward(do)
-        for t in grad_of:
-            t.grad = None
-
+    step = _step(fn, grad_of, do)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -176,14 +185,7 @@ def _graph_time(fn, grad_of=None, do=None):
     host (an empty mul-and-sum), near a whole split fwd+bwd's GPU time at D = 64."""
     from triton.testing import do_bench
 
-    def step():
-        if grad_of is None:
-            fn()
-            return
-        for t in grad_of:
-            t.grad = None  # captured: each replay writes fresh gradients, as grad_to_none gives eager timing
-        fn().backward(do)
-
+    step = _step(fn, grad_of, do)
     with torch.no_grad() if grad_of is None else contextlib.nullcontext():
         side = torch.cuda.Stream()  # warm up (compile, autotune) off the capture, as CUDA graphs require
         side.wait_stream(torch.cuda.current_stream())

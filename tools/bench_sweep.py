@@ -83,6 +83,11 @@ def _times(cell: dict) -> dict | None:
     return {key: min(cell[key], graph[key]) for key in ("fwd_ms", "fwdbwd_ms")}
 
 
+def _lightgen_times(result: dict) -> dict:
+    """N -> lightgen's _times of that row, for the rows that have them."""
+    return {row["N"]: times for row in result["rows"] if (times := _times(row.get("lightgen", {})))}
+
+
 def _n(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
@@ -133,8 +138,8 @@ def targets(results: dict) -> list[str]:
     """Every target of the issue that the runs measure, one line each."""
     lines = []
     for name in (n for n in VARIANTS if n != FULL and n in results):
-        rows = [row for row in results[name]["rows"] if _times(row.get("lightgen", {}))]
-        ours = {row["N"]: _times(row["lightgen"]) for row in rows}
+        ours = _lightgen_times(results[name])
+        rows = [row for row in results[name]["rows"] if row["N"] in ours]
         for key, floor, limit, label in (("fwd_ms", "floor_fwd_ms", FWD_X, "forward"),
                                          ("fwdbwd_ms", "floor_fwdbwd_ms", FWDBWD_X, "forward+backward")):
             lines.append(_verdict(f"{name}: {label} within {limit}x of the floor (x floor)",
@@ -160,12 +165,8 @@ def targets(results: dict) -> list[str]:
             lines.append(_verdict(f"{name}: {label}", cells,
                                   (lambda x: x >= need) if peer == "fla" else (lambda x: x > need)))
     if FULL in results and PLAIN in results:
-        plain = {row["N"]: _times(row["lightgen"]) for row in results[PLAIN]["rows"] if _times(row.get("lightgen", {}))}
-        cells = []
-        for row in results[FULL]["rows"]:
-            full = _times(row.get("lightgen", {}))
-            if full and row["N"] in plain:
-                cells += [(f"{_n(row['N'])} {k[:-3]}", full[k] / plain[row["N"]][k]) for k in ("fwd_ms", "fwdbwd_ms")]
+        plain, full = _lightgen_times(results[PLAIN]), _lightgen_times(results[FULL])
+        cells = [(f"{_n(n)} {k[:-3]}", full[n][k] / plain[n][k]) for n in full if n in plain for k in ("fwd_ms", "fwdbwd_ms")]
         lines.append(_verdict(f"{FULL}: the full TNL's time over the plain TNL's, at most {FULL_X}x", cells,
                               lambda x: x <= FULL_X))
     return lines
