@@ -254,7 +254,7 @@ def segments(variant, shape, dtype, device) -> int:
     return _most_cuts(n, 1, (4 if variant.learned_decay else 1) * _sm_count(device) // (b * h))
 
 
-def state_split(shape, segments, device) -> int:
+def state_split(variant, shape, segments, device) -> int:
     """How many finer pieces each of the `segments` pieces is cut into for the state passes (1: none). A state
     pass runs on all pieces but one per sequence, P - 1 programs per pair: with few pairs they leave SMs idle
     (64 pairs of 16K as 2 pieces: 64 programs on 132 SMs). Finer pieces fill them; the scan then sums more
@@ -268,7 +268,20 @@ def state_split(shape, segments, device) -> int:
     if segments == 1 or device.type != "cuda":
         return 1
     b, n, h, _ = shape
+    if variant.decay == "constant":
+        return _most_cuts(n, segments, CONSTANT_STATE_CUTS)
     return _most_cuts(n, segments, _sm_count(device) // (b * h * (segments - 1)))
+
+
+# decay=constant's state passes walk only each head's reach of a boundary (split.py), mostly near the end of a piece
+# (the start, backward): what is left is spread over many short pieces, whose programs mostly walk nothing, and the
+# scan skips their empty states. Measured on H100 (TNL slopes, bf16, 65,536 tokens, H * D = 2048, session 15),
+# kernels' GPU ms fwd+bwd by state pieces per piece, D = 128, 16K: 2 (the rule above): 1.614, 4: 1.599, 8: 1.568,
+# 16: 1.597; 32K: 1: 1.717, 4: 1.610, 8: 1.596; 64K: 1: 1.719, 4: 1.626, 8: 1.641, 16: 1.701 (the scan then
+# walked one piece at a time); without the windows 1.673 / 1.789 / 1.803. D = 64, 64K: 1: 1.461, 8: 1.402,
+# 16: 1.400, 32: 1.428 (1.664 without). The price where a head hardly decays (slopes / 100, nothing left out),
+# D = 128, 64K: 1.810 at 1, 1.915 at 8.
+CONSTANT_STATE_CUTS = 16
 
 
 def _most_cuts(n: int, pieces: int, most: int) -> int:

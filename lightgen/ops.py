@@ -386,9 +386,9 @@ def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segm
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
-    finer = launch.state_split(q.shape, segments, q.device)  # the state pass's pieces per piece
+    finer = launch.state_split(variant, q.shape, segments, q.device)  # the state pass's pieces per piece
     module, own, decays = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset, segments * finer,
-                                        skip=finer)  # (the last piece's own state is not needed)
+                                        skip=finer, every=finer)  # (the last piece's own state is not needed)
     received = split.scan(module, own, decays, segments * finer, n // (segments * finer), h0, every=finer)
     y, ht, o = _forward_pass(variant, pieces(q), pieces(k), pieces(v), piece_decay, theta, received, offset, final,
                              segments, None, pieces(u))
@@ -402,17 +402,19 @@ def _whole(t, b, n):
     return None if t is None else t.view(b, n, *t.shape[2:])
 
 
-def _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments, skip=0):
+def _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments, skip=0, every=1):
     """A state pass of the pieces module over each sequence's `segments` pieces: (the module, one state per
     piece and head [B * P, H, F, dv] fp32, the pieces' log decays as split.scan takes them). kernel: fwd_state
     (x, y = k, v) or bwd_state (q, dO). skip: not for the pieces whose states the scan never uses (each
-    sequence's last `skip` under fwd_state, first under bwd_state; their slots are left empty): less to read."""
+    sequence's last `skip` under fwd_state, first under bwd_state; their slots are left empty): less to read.
+    every: state-pass pieces per kernel piece (launch.state_split), whose boundaries bound decay=constant's windows."""
     module = build.load(variant, "pieces")
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
     states = _state_like(variant, pieces(x))
     _launch(module, variant, kernel, pieces(x), "BV", (pieces(x), pieces(y), states, piece_decay, theta), offset,
-            segments, batch=x.shape[0] * (segments - skip) if skip else None, HAS_FINAL=True, SKIP=skip)
+            segments, batch=x.shape[0] * (segments - skip) if skip else None, HAS_FINAL=True, SKIP=skip,
+            EVERY=every, REACH=split.REACH_BITS)
     return module, states, split.scan_log_decays(variant, log_decay, x.shape, segments)
 
 
@@ -469,9 +471,9 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     pieces = functools.partial(split.as_pieces, segments=segments)
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
-    finer = launch.state_split(q.shape, segments, q.device)  # as in the forward
+    finer = launch.state_split(variant, q.shape, segments, q.device)  # as in the forward
     pieces_module, own, decays = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset,
-                                               segments * finer, skip=finer)
+                                               segments * finer, skip=finer, every=finer)
     sent = split.scan(pieces_module, own, decays, segments * finer, n // (segments * finer), dht, reverse=True,
                       every=finer)
     after = None

@@ -10,6 +10,10 @@ The price: k and v are read once more in the forward, q and dO in the backward. 
 cut the pieces finer still (launch.state_split) so that their programs fill the GPU: the scan walks the
 finer pieces and returns one state per piece.
 
+Under decay=constant the state passes walk only the tokens within each head's reach of the boundary
+their state crosses (the pieces module's _window): a token d steps away weighs lambda_h**d there, and those
+below 2**-REACH_BITS are left out. For the TNL slopes the state passes then read a fraction of k and v.
+
 Here: the views, and the scans over pieces (a kernel of the pieces module: a sequential walk over the
 P pieces' [F, dv] fp32 states, which are small next to q, k, v, and exponentiates the pieces' decays
 itself). Piece p's state E_p is the state after its last token; d_p = the (natural) log decay over piece p.
@@ -19,6 +23,12 @@ from __future__ import annotations
 import math
 
 import torch
+
+
+# The weight below which decay=constant's state passes leave a token out: 2**-40, 2**16 below fp32's resolution
+# (2**-24): a left-out term would have to be 65,536 times larger than the kept ones to move the state's fp32
+# rounding. fp32 sums of the kept terms already differ from exact ones by about 2**-24.
+REACH_BITS = 40.0
 
 
 def as_pieces(t: torch.Tensor | None, segments: int) -> torch.Tensor | None:
@@ -63,6 +73,6 @@ def scan(module, own, log_decays, segments, length, start=None, reverse=False, l
     per_dim = (log_decays.shape[-1], own.shape[-1]) if log_decays is not None and log_decays.dim() == 3 else ()  # vector
     block = min(256, 1 << (size - 1).bit_length())  # many programs: each walks P pieces one after another
     module.scan[(b * h, -(-size // block))](
-        own, log_decays, start, out, end, segments, h, size, length, every, *per_dim, BLOCK=block,
+        own, log_decays, start, out, end, segments, h, size, length, every, REACH_BITS, *per_dim, BLOCK=block, AHEAD=8,
         REVERSE=reverse, HAS_START=start is not None, HAS_LAST=last)
     return (out, end) if last else out

@@ -61,13 +61,40 @@ def test_sequence_splitting(spec, segments, finer, states, monkeypatch):
     from lightgen import launch, ops
 
     monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
-    monkeypatch.setattr(launch, "state_split", lambda shape, segments, device: finer)
+    monkeypatch.setattr(launch, "state_split", lambda variant, shape, segments, device: finer)
     passes = []
     piece_states = ops._piece_states
     monkeypatch.setattr(ops, "_piece_states", lambda variant, kernel, *a, **kw: passes.append(kernel)
                         or piece_states(variant, kernel, *a, **kw))
     check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=states, offset=3)
     assert set(passes) == {"fwd_state", "bwd_state"}
+
+
+def test_state_passes_walk_only_each_heads_reach():
+    """decay=constant: the state passes leave out what a boundary weighs below 2**-REACH_BITS. Head 0 decays
+    fast (slope 1.5: an 18-token reach), head 1 not at all. As pieces of 8 tokens, four per kernel piece of 32,
+    head 0's first state piece of each kernel piece is out of reach: its k, v (forward) and the last one's q, dO
+    (backward) are NaN here, and the states handed across the boundary at token 32 still match the reference's
+    from the clean inputs (the NaN rows are neither read by the state passes nor their slots by the scan)."""
+    from lightgen import ops, split
+
+    variant = lightgen.Variant.parse("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16")
+    q, k, v, do, _, theta, _ = random_inputs(variant, 1, 64, 2, torch.float32, DEVICE, seed=5)
+    log_decay = -torch.tensor([1.5, 0.0], device=DEVICE)
+    nan_k, nan_v = (t.clone() for t in (k, v))
+    nan_q, nan_do = (t.clone() for t in (q, do))
+    for t in (nan_k, nan_v):
+        t[:, 0:8, 0] = float("nan")  # head 0, the first state piece: 24+ tokens before the boundary at 32
+    for t in (nan_q, nan_do):
+        t[:, 56:64, 0] = float("nan")  # head 0, the last state piece: 24+ tokens after the boundary
+    module, own, decays = ops._piece_states(variant, "fwd_state", nan_k, nan_v, log_decay, theta, 0, 8, skip=4, every=4)
+    received = split.scan(module, own, decays, 8, 8, every=4)[1]  # the state kernel piece 1 starts from
+    expected = ops._reference_state_pass(variant, "fwd_state", k[:, :32], v[:, :32], log_decay, theta, 0)[0]
+    assert rel_err(received, expected) < TOLERANCE[torch.float32]
+    module, own, decays = ops._piece_states(variant, "bwd_state", nan_q, nan_do, log_decay, theta, 0, 8, skip=4, every=4)
+    sent = split.scan(module, own, decays, 8, 8, reverse=True, every=4)[0]  # the gradient of the state after piece 0
+    expected = ops._reference_state_pass(variant, "bwd_state", q[:, 32:], do[:, 32:], log_decay, theta, 32)[0]
+    assert rel_err(sent, expected) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("segments", [1, 3])
@@ -110,12 +137,18 @@ def test_splitting_rule(monkeypatch):
     assert pieces(1, 65536) == 8  # 16 pairs -> 128, pieces of 8192
     assert pieces(1, 3000) == 2  # 1500-token pieces; 750 would be too short
     assert pieces(1, 1001) == 1  # odd
-    finer = lambda b, n, segments: launch.state_split((b, n, 16, 128), segments, cuda)  # noqa: E731
+    none = lightgen.Variant.parse("decay=none,causal,dk=128,dv=128")
+    finer = lambda b, n, segments: launch.state_split(none, (b, n, 16, 128), segments, cuda)  # noqa: E731
     assert finer(4, 16384, 2) == 2  # 64 programs (one piece of two per pair) -> 128
     assert finer(2, 32768, 4) == 1  # 96: 192 would be more than one per SM
     assert finer(1, 16384, 2) == 8  # 16 -> 128, of 1024 tokens
     assert finer(1, 4096, 2) == 2  # 16 -> 32: 1024 tokens, none shorter
     assert finer(8, 8192, 1) == 1  # not split
+    # decay=constant: state pieces of 1024 tokens, up to 16 per piece (most walk little or nothing, see split.py)
+    constant = lightgen.Variant.parse("decay=constant,causal,dk=128,dv=128")
+    assert launch.state_split(constant, (4, 16384, 16, 128), 2, cuda) == 8
+    assert launch.state_split(constant, (1, 65536, 32, 64), 4, cuda) == 16
+    assert launch.state_split(constant, (1, 65536, 16, 128), 1, cuda) == 1  # not split
     assert pieces(1, 65536, "decay=vector,causal,dk=128,dv=128") == 32  # learned decays: 4x the SMs -> 512
     assert pieces(4, 16384, "decay=scalar,causal,dk=128,dv=128") == 8
     assert pieces(1, 65536, device=torch.device("cpu")) == 1
