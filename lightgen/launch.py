@@ -277,11 +277,12 @@ def state_split(variant, shape, segments, device) -> int:
 # (the start, backward): what is left is spread over many short pieces, whose programs mostly walk nothing, and the
 # scan skips their empty states. Measured on H100 (TNL slopes, bf16, 65,536 tokens, H * D = 2048, session 15),
 # kernels' GPU ms fwd+bwd by state pieces per piece, D = 128, 16K: 2 (the rule above): 1.614, 4: 1.599, 8: 1.568,
-# 16: 1.597; 32K: 1: 1.717, 4: 1.610, 8: 1.596; 64K: 1: 1.719, 4: 1.626, 8: 1.641, 16: 1.701 (the scan then
-# walked one piece at a time); without the windows 1.673 / 1.789 / 1.803. D = 64, 64K: 1: 1.461, 8: 1.402,
-# 16: 1.400, 32: 1.428 (1.664 without). The price where a head hardly decays (slopes / 100, nothing left out),
-# D = 128, 64K: 1.810 at 1, 1.915 at 8.
-CONSTANT_STATE_CUTS = 16
+# 16: 1.597; 32K: 1: 1.717, 4: 1.610, 8: 1.596, 16: 1.660; 64K: 1: 1.719, 4: 1.626, 8: 1.641, 16: 1.701; without
+# the windows 1.673 / 1.789 / 1.803. D = 64, 64K: 1: 1.461, 8: 1.402, 16: 1.400, 32: 1.428 (1.664 without). Past 8
+# the scan, a walk over the state pieces one at a time, costs what the passes save (64K, D = 128: 0.013 ms at 1,
+# 0.059 at 8, 0.133 at 16; loading 8 pieces at once was slower still). The price where a head hardly decays
+# (slopes / 100, nothing left out), D = 128, 64K: 1.810 at 1, 1.915 at 8.
+CONSTANT_STATE_CUTS = 8
 
 
 def _most_cuts(n: int, pieces: int, most: int) -> int:

@@ -73,6 +73,6 @@ def scan(module, own, log_decays, segments, length, start=None, reverse=False, l
     per_dim = (log_decays.shape[-1], own.shape[-1]) if log_decays is not None and log_decays.dim() == 3 else ()  # vector
     block = min(256, 1 << (size - 1).bit_length())  # many programs: each walks P pieces one after another
     module.scan[(b * h, -(-size // block))](
-        own, log_decays, start, out, end, segments, h, size, length, every, REACH_BITS, *per_dim, BLOCK=block, AHEAD=8,
+        own, log_decays, start, out, end, segments, h, size, length, every, REACH_BITS, *per_dim, BLOCK=block,
         REVERSE=reverse, HAS_START=start is not None, HAS_LAST=last)
     return (out, end) if last else out

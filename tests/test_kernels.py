@@ -144,10 +144,11 @@ def test_splitting_rule(monkeypatch):
     assert finer(1, 16384, 2) == 8  # 16 -> 128, of 1024 tokens
     assert finer(1, 4096, 2) == 2  # 16 -> 32: 1024 tokens, none shorter
     assert finer(8, 8192, 1) == 1  # not split
-    # decay=constant: state pieces of 1024 tokens, up to 16 per piece (most walk little or nothing, see split.py)
+    # decay=constant: state pieces of 1024 tokens, up to 8 per piece (most walk little or nothing, see split.py)
     constant = lightgen.Variant.parse("decay=constant,causal,dk=128,dv=128")
     assert launch.state_split(constant, (4, 16384, 16, 128), 2, cuda) == 8
-    assert launch.state_split(constant, (1, 65536, 32, 64), 4, cuda) == 16
+    assert launch.state_split(constant, (1, 65536, 32, 64), 4, cuda) == 8
+    assert launch.state_split(constant, (2, 4096, 16, 128), 2, cuda) == 2  # 2048-token pieces: two of 1024
     assert launch.state_split(constant, (1, 65536, 16, 128), 1, cuda) == 1  # not split
     assert pieces(1, 65536, "decay=vector,causal,dk=128,dv=128") == 32  # learned decays: 4x the SMs -> 512
     assert pieces(4, 16384, "decay=scalar,causal,dk=128,dv=128") == 8
