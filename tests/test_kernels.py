@@ -97,6 +97,29 @@ def test_state_passes_walk_only_each_heads_reach():
     assert rel_err(sent, expected) < TOLERANCE[torch.float32]
 
 
+def test_splitting_with_short_reaches(monkeypatch):
+    """The op end to end with the state passes' windows cutting in (fast decays: reaches of 5 to 18 tokens,
+    and one head without decay; 4 pieces of 24, each as 3 state pieces of 8): output and every gradient
+    against the float64 reference."""
+    from lightgen import launch
+
+    monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: 4)
+    monkeypatch.setattr(launch, "state_split", lambda variant, shape, segments, device: 3)
+    attn = lightgen.compile("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32")
+    q, k, v, do, _, theta, _ = random_inputs(attn.variant, 2, 96, 3, DTYPES[0], DEVICE, seed=7)
+    slopes = torch.tensor([1.5, 6.0, 0.0], device=DEVICE)
+
+    def run(fn, work):
+        leaves = [t.to(work).clone().requires_grad_() for t in (q, k, v, theta)]
+        o = fn(*leaves[:3], slopes=slopes.to(work), theta=leaves[3], offset=1)
+        return [o, *torch.autograd.grad(o, leaves, do.to(work))]
+
+    got = run(attn, q.dtype)
+    expected = run(functools.partial(reference.quadratic, attn.variant), torch.float64)
+    for name, g, want in zip(("o", "dq", "dk", "dv", "dtheta"), got, expected):
+        assert rel_err(g, want) < TOLERANCE[q.dtype], name
+
+
 @pytest.mark.parametrize("segments", [1, 3])
 def test_gradient_through_the_final_state_alone(segments, monkeypatch):
     """A loss that reads only the final state: o gets no gradient (None reaches the backward, no zeros
