@@ -24,7 +24,6 @@ import math
 
 import torch
 
-
 # The weight below which decay=constant's state passes leave a token out: 2**-40, 2**16 below fp32's resolution
 # (2**-24): a left-out term would have to be 65,536 times larger than the kept ones to move the state's fp32
 # rounding. fp32 sums of the kept terms already differ from exact ones by about 2**-24.
