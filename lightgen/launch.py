@@ -269,7 +269,8 @@ def state_split(variant, shape, segments, device) -> int:
         return 1
     b, n, h, _ = shape
     if variant.decay == "constant":
-        return _most_cuts(n, segments, CONSTANT_STATE_CUTS)
+        small = (2 if variant.lrpe == "d" else 1) * variant.dk * variant.dv <= SMALL_STATE
+        return _most_cuts(n, segments, 2 * CONSTANT_STATE_CUTS if small else CONSTANT_STATE_CUTS)
     return _most_cuts(n, segments, _sm_count(device) // (b * h * (segments - 1)))
 
 
@@ -282,7 +283,13 @@ def state_split(variant, shape, segments, device) -> int:
 # the scan, a walk over the state pieces one at a time, costs what the passes save (64K, D = 128: 0.013 ms at 1,
 # 0.059 at 8, 0.133 at 16; loading 8 pieces at once was slower still). The price where a head hardly decays
 # (slopes / 100, nothing left out), D = 128, 64K: 1.810 at 1, 1.915 at 8.
+# Session 16's scan loads 8 pieces at a time (split.SCAN_UNROLL), and the reach follows the dtype (split.reach_bits):
+# kernels' GPU ms fwd+bwd by state pieces per piece, bf16: D = 128, 32K: 8: 1.573, 16: 1.580, 32: 1.642; 64K: 8:
+# 1.576, 16: 1.602, 32: 1.669 (the scan: 0.026 / 0.046 / 0.088). D = 64, 32K: 8: 1.377, 16: 1.371, 32: 1.369; 64K:
+# 8: 1.390, 16: 1.380, 32: 1.383. The scan's cost per piece grows with the state; a state of at most SMALL_STATE
+# entries (D = 64's 64 x 64) takes twice the pieces.
 CONSTANT_STATE_CUTS = 8
+SMALL_STATE = 64 * 64
 
 
 def _most_cuts(n: int, pieces: int, most: int) -> int:

@@ -389,7 +389,8 @@ def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segm
     finer = launch.state_split(variant, q.shape, segments, q.device)  # the state pass's pieces per piece
     module, own, decays = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset, segments * finer,
                                         skip=finer, every=finer)  # (the last piece's own state is not needed)
-    received = split.scan(module, own, decays, segments * finer, n // (segments * finer), h0, every=finer)
+    received = split.scan(module, own, decays, segments * finer, n // (segments * finer), h0, every=finer,
+                          reach=split.reach_bits(q.dtype))
     y, ht, o = _forward_pass(variant, pieces(q), pieces(k), pieces(v), piece_decay, theta, received, offset, final,
                              segments, None, pieces(u))
     whole = functools.partial(_whole, b=b, n=n)
@@ -414,7 +415,7 @@ def _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments, ski
     states = _state_like(variant, pieces(x))
     _launch(module, variant, kernel, pieces(x), "BV", (pieces(x), pieces(y), states, piece_decay, theta), offset,
             segments, batch=x.shape[0] * (segments - skip) if skip else None, HAS_FINAL=True, SKIP=skip,
-            EVERY=every, REACH=split.REACH_BITS)
+            EVERY=every, REACH=split.reach_bits(x.dtype))
     return module, states, split.scan_log_decays(variant, log_decay, x.shape, segments)
 
 
@@ -426,7 +427,8 @@ def _chunk_state_pass(variant, kernel, x, y, log_decay, theta, offset, segments)
     if segments == 1:
         return own
     # where the scan ends: the state after the last piece (fwd_state), the gradient of the one before the first
-    return split.scan(module, own, decays, segments, x.shape[1] // segments, reverse=kernel == "bwd_state", last=True)[1]
+    return split.scan(module, own, decays, segments, x.shape[1] // segments, reverse=kernel == "bwd_state", last=True,
+                      reach=split.reach_bits(x.dtype))[1]
 
 
 def _reference_state_pass(variant, kernel, x, y, log_decay, theta, offset):
@@ -475,7 +477,7 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     pieces_module, own, decays = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset,
                                                segments * finer, skip=finer, every=finer)
     sent = split.scan(pieces_module, own, decays, segments * finer, n // (segments * finer), dht, reverse=True,
-                      every=finer)
+                      every=finer, reach=split.reach_bits(q.dtype))
     after = None
     if variant.learned_decay:  # the state after each piece, for dg (the sequence's last: ht, needed only with dht)
         last = ht[:, None] if dht is not None else torch.zeros_like(by_piece(received)[:, :1])

@@ -12,10 +12,10 @@ finer pieces and returns one state per piece.
 
 Under decay=constant the state passes walk only the tokens within each head's reach of the boundary
 their state crosses (the pieces module's _window): a token d steps away weighs lambda_h**d there, and those
-below 2**-REACH_BITS are left out. For the TNL slopes the state passes then read a fraction of k and v.
+below 2**-reach_bits(dtype) are left out. For the TNL slopes the state passes then read a fraction of k and v.
 
-Here: the views, and the scans over pieces (a kernel of the pieces module: a sequential walk over the
-P pieces' [F, dv] fp32 states, which are small next to q, k, v, and exponentiates the pieces' decays
+Here: the views, and the scans over pieces (a kernel of the pieces module: a walk over the P pieces'
+[F, dv] fp32 states in order, which are small next to q, k, v, and exponentiates the pieces' decays
 itself). Piece p's state E_p is the state after its last token; d_p = the (natural) log decay over piece p.
 """
 from __future__ import annotations
@@ -24,10 +24,21 @@ import math
 
 import torch
 
-# The weight below which decay=constant's state passes leave a token out: 2**-40, 2**16 below fp32's resolution
-# (2**-24): a left-out term would have to be 65,536 times larger than the kept ones to move the state's fp32
-# rounding. fp32 sums of the kept terms already differ from exact ones by about 2**-24.
-REACH_BITS = 40.0
+# decay=constant's state passes leave out a token whose weight at the boundary is below 2**-reach_bits(dtype): this
+# many bits below the rounding of the inputs' dtype (bf16's 2**-8: 2**-24; fp16: 2**-27; fp32's 2**-24: 2**-40).
+# A left-out term would have to be 65,536 times larger than the kept ones to move the inputs' rounding, which each
+# term of a state already carries. (The states are fp32 sums in every dtype: they round at about 2**-24 anyway.)
+REACH_MARGIN_BITS = 16
+
+# The scan's pieces are summed in order, but loaded this many at a time: the loads do not wait on the sum, so
+# their latencies overlap (a walk that loads one piece at a time waits one memory latency per piece)
+SCAN_UNROLL = 8
+
+
+def reach_bits(dtype: torch.dtype) -> float:
+    """How many bits below 1 a token's weight at a boundary may fall before decay=constant's state passes leave
+    it out, for inputs of `dtype` (see REACH_MARGIN_BITS)."""
+    return -math.log2(torch.finfo(dtype).eps / 2) + REACH_MARGIN_BITS  # eps / 2: the dtype's rounding
 
 
 def as_pieces(t: torch.Tensor | None, segments: int) -> torch.Tensor | None:
@@ -54,7 +65,7 @@ def scan_log_decays(variant, log_decay, shape, segments) -> torch.Tensor | None:
     return log_decay.view(b * segments, n // segments, *log_decay.shape[2:]).sum(1)
 
 
-def scan(module, own, log_decays, segments, length, start=None, reverse=False, last=False, every=1):
+def scan(module, own, log_decays, segments, length, start=None, reverse=False, last=False, every=1, *, reach):
     """The pieces module's scan over [B * P, H, F, dv] states (see its comment), with start [B, H, F, dv]
     or None and the pieces' log decays d (scan_log_decays; `length` tokens per piece): forward, the state
     each piece starts from, E_(p-1) = exp(d_(p-1)) E_(p-2) + own_(p-1) from E_(-1) = start; reverse, the
@@ -63,7 +74,7 @@ def scan(module, own, log_decays, segments, length, start=None, reverse=False, l
     pieces of the kernels' pieces), and only each group's is returned ([B * P / every, H, F, dv]: the
     state it starts from; reverse, the gradient of the state after it). last (every = 1): also return where
     the walk ends ([B, H, F, dv]: the state after the last piece; reverse, the gradient of the state before
-    the first)."""
+    the first). reach: the state passes' reach_bits (decay=constant: the pieces they left empty are not read)."""
     h = own.shape[1]
     b = own.shape[0] // segments
     size = math.prod(own.shape[2:])  # (not own[0, 0].numel(): indexing is two more torch calls)
@@ -72,6 +83,6 @@ def scan(module, own, log_decays, segments, length, start=None, reverse=False, l
     per_dim = (log_decays.shape[-1], own.shape[-1]) if log_decays is not None and log_decays.dim() == 3 else ()  # vector
     block = min(256, 1 << (size - 1).bit_length())  # many programs: each walks P pieces one after another
     module.scan[(b * h, -(-size // block))](
-        own, log_decays, start, out, end, segments, h, size, length, every, REACH_BITS, *per_dim, BLOCK=block,
-        REVERSE=reverse, HAS_START=start is not None, HAS_LAST=last)
+        own, log_decays, start, out, end, segments, h, size, length, every, reach, *per_dim, BLOCK=block,
+        UNROLL=SCAN_UNROLL, REVERSE=reverse, HAS_START=start is not None, HAS_LAST=last)
     return (out, end) if last else out
