@@ -118,8 +118,8 @@ def test_scan_is_the_sequential_recurrence(decay, every):
 
 
 def test_reach_follows_the_inputs_dtype():
-    """decay=constant's state passes leave out weights 16 bits below the rounding of the inputs: bf16 (8 bits) 2**-24,
-    fp16 (11) 2**-27, fp32 (24) 2**-40."""
+    """decay=constant's state passes leave out weights 16 bits below the rounding of the inputs: bf16 (8 bits)
+    2**-24, fp16 (11) 2**-27, fp32 (24) 2**-40."""
     from lightgen import split
 
     assert [split.reach_bits(t) for t in (torch.bfloat16, torch.float16, torch.float32)] == [24.0, 27.0, 40.0]
@@ -127,10 +127,10 @@ def test_reach_follows_the_inputs_dtype():
 
 def test_state_passes_walk_only_each_heads_reach():
     """decay=constant: the state passes leave out what a boundary weighs below 2**-reach_bits (fp32 here: 2**-40).
-    Head 0 decays fast (slope 1.5: an 18-token reach), head 1 not at all. As pieces of 8 tokens, four per kernel piece of 32,
-    head 0's first state piece of each kernel piece is out of reach: its k, v (forward) and the last one's q, dO
-    (backward) are NaN here, and the states handed across the boundary at token 32 still match the reference's
-    from the clean inputs (the NaN rows are neither read by the state passes nor their slots by the scan)."""
+    Head 0 decays fast (slope 1.5: an 18-token reach), head 1 not at all. As pieces of 8 tokens, four per kernel
+    piece of 32, head 0's first state piece of each kernel piece is out of reach: its k, v (forward) and the last
+    one's q, dO (backward) are NaN here, and the states handed across the boundary at token 32 still match the
+    reference's from the clean inputs (the NaN rows are neither read by the state passes nor their slots by the scan)."""
     from lightgen import ops, split
 
     variant = lightgen.Variant.parse("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16")
@@ -143,11 +143,12 @@ def test_state_passes_walk_only_each_heads_reach():
     for t in (nan_q, nan_do):
         t[:, 56:64, 0] = float("nan")  # head 0, the last state piece: 24+ tokens after the boundary
     module, own, decays = ops._piece_states(variant, "fwd_state", nan_k, nan_v, log_decay, theta, 0, 8, skip=4, every=4)
-    received = split.scan(module, own, decays, 8, 8, every=4, reach=split.reach_bits(torch.float32))[1]  # the state kernel piece 1 starts from
+    reach = split.reach_bits(torch.float32)
+    received = split.scan(module, own, decays, 8, 8, every=4, reach=reach)[1]  # the state kernel piece 1 starts from
     expected = ops._reference_state_pass(variant, "fwd_state", k[:, :32], v[:, :32], log_decay, theta, 0)[0]
     assert rel_err(received, expected) < TOLERANCE[torch.float32]
     module, own, decays = ops._piece_states(variant, "bwd_state", nan_q, nan_do, log_decay, theta, 0, 8, skip=4, every=4)
-    sent = split.scan(module, own, decays, 8, 8, reverse=True, every=4, reach=split.reach_bits(torch.float32))[0]  # the gradient of the state after piece 0
+    sent = split.scan(module, own, decays, 8, 8, reverse=True, every=4, reach=reach)[0]  # the gradient after piece 0
     expected = ops._reference_state_pass(variant, "bwd_state", q[:, 32:], do[:, 32:], log_decay, theta, 32)[0]
     assert rel_err(sent, expected) < TOLERANCE[torch.float32]
 
