@@ -269,7 +269,7 @@ def state_split(variant, shape, segments, device) -> int:
         return 1
     b, n, h, _ = shape
     if variant.decay == "constant":
-        small = (2 if variant.lrpe == "d" else 1) * variant.dk * variant.dv <= SMALL_STATE
+        small = variant.state_rows * variant.dv <= SMALL_STATE
         return _most_cuts(n, segments, 2 * CONSTANT_STATE_CUTS if small else CONSTANT_STATE_CUTS)
     return _most_cuts(n, segments, _sm_count(device) // (b * h * (segments - 1)))
 

@@ -320,8 +320,8 @@ def _step_positions(position, batch, device):
 
 
 def _state_shape(variant, batch, heads):
-    """[B, H, F, dv]: F = dk, or 2 dk under LRPE (the cos half, then the sin half)."""
-    return (batch, heads, variant.dk * (2 if variant.lrpe == "d" else 1), variant.dv)
+    """[B, H, F, dv] (F: variant.state_rows)."""
+    return (batch, heads, variant.state_rows, variant.dv)
 
 
 # ---- launching ------------------------------------------------------------------------------

@@ -155,6 +155,11 @@ class Variant:
         return self.gate if self.gate in KNOWN_GATES or self.gate == "none" else self.gate_expr
 
     @property
+    def state_rows(self) -> int:
+        """F, the rows of a head's [F, dv] state: dk, or 2 dk under LRPE (the cos half, then the sin half)."""
+        return self.dk * (2 if self.lrpe == "d" else 1)
+
+    @property
     def learned_decay(self) -> bool:
         """Whether the decay is an input per token, g, with a gradient (decay=scalar or vector)."""
         return self.decay in ("scalar", "vector")

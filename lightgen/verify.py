@@ -120,7 +120,7 @@ def compare(variant, b=2, n=45, h=2, dtype=torch.float32, device="cpu", seed=0, 
     h0 = dht = None
     if states:
         gen = torch.Generator().manual_seed(seed + 1)
-        shape = (b if lengths is None else len(lengths), h, variant.dk * (2 if variant.lrpe == "d" else 1), variant.dv)
+        shape = (b if lengths is None else len(lengths), h, variant.state_rows, variant.dv)
         h0 = (torch.randn(shape, generator=gen) * 0.3).to(device)
         dht = torch.randn(shape, generator=gen).to(device)
 
