@@ -107,6 +107,22 @@ def test_module_keyed_entries_move_to_their_kernels_keys(tmp_path, capsys):
                    (other, "fwd")}
 
 
+def test_state_passes_borrow_their_kernels_entries_with_at_most_4_warps(store):
+    """Sequence splitting's state passes launch as fwd / bwd_dv do, with at most 4 warps while a program's state
+    has at most 128 x 128 entries; the full TNL's [2 dk, dv] at D = 128 keeps the kernel's 8. An override is taken
+    as given."""
+    record(TUNED, kernel="fwd")
+    record({**TUNED, "C": 32}, kernel="bwd_dv")
+    assert params(4096, "fwd_state") == {**TUNED, "num_warps": 4}
+    assert params(4096, "bwd_state") == {**TUNED, "C": 32, "num_warps": 4}
+    full = Variant.parse("decay=constant,causal,lrpe=d,phi=silu,dk=128,dv=128")
+    whole_row = {"C": 16, "BK": 64, "BV": 128, "num_warps": 8, "num_stages": 2}
+    record(whole_row, kernel="fwd", variant=full)
+    assert launch.params(full, "fwd_state", torch.bfloat16, 4096, CUDA0) == whole_row
+    with launch.override(TUNED):
+        assert params(4096, "fwd_state") == TUNED
+
+
 def test_miss_warns_once_and_uses_the_heuristic(store):
     first, seen = count_warnings(lambda: [params(n) for n in (1024, 2048, 1024)])
     assert all(p == launch.heuristic(VARIANT, "fwd", interpreted=False) for p in first)
