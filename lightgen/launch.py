@@ -195,7 +195,7 @@ BORROWED = {"fwd_state": "fwd", "bwd_state": "bwd_dv"}
 VECTOR_STATE_PASS = {"C": 32, "num_warps": 4, "num_stages": 2}  # and the whole dv row, up to 128
 
 
-# ... and with 4 warps where the kernel's take 8: a state pass has one product per chunk where the kernels have four,
+# ... and with 4 warps where the kernels take 8: a state pass has one product per chunk where the kernels have four,
 # and 8 warps split it finer than it pays. Measured on H100 (TNL, D = 128, bf16, 65,536 tokens, session 17), GPU us
 # of fwd_state / bwd_state at 8 / 4 warps (C = 64, BV = 128, 3 stages): 64K 34.2 / 32.5 and 34.6 / 32.4; 32K 31.2 /
 # 30.0 and 31.9 / 30.1; 16K 28.9 / 26.8 and 29.5 / 26.8. Up to 128 x 128 state entries per program (4 warps hold
