@@ -387,10 +387,9 @@ def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segm
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
     finer = launch.state_split(variant, q.shape, segments, q.device)  # the state pass's pieces per piece
-    module, own, decays = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset, segments * finer,
-                                        skip=finer, every=finer)  # (the last piece's own state is not needed)
-    received = split.scan(module, own, decays, segments * finer, n // (segments * finer), h0, every=finer,
-                          reach=split.reach_bits(q.dtype))
+    module, own, decays, reach = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset,
+                                               segments * finer, skip=finer, every=finer)  # (not the last piece's)
+    received = split.scan(module, own, decays, segments * finer, n // (segments * finer), h0, every=finer, reach=reach)
     y, ht, o = _forward_pass(variant, pieces(q), pieces(k), pieces(v), piece_decay, theta, received, offset, final,
                              segments, None, pieces(u))
     whole = functools.partial(_whole, b=b, n=n)
@@ -405,7 +404,8 @@ def _whole(t, b, n):
 
 def _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments, skip=0, every=1):
     """A state pass of the pieces module over each sequence's `segments` pieces: (the module, one state per
-    piece and head [B * P, H, F, dv] fp32, the pieces' log decays as split.scan takes them). kernel: fwd_state
+    piece and head [B * P, H, F, dv] fp32, the pieces' log decays and the pass's reach bits as split.scan takes
+    them: the scan must skip the very pieces the pass left empty). kernel: fwd_state
     (x, y = k, v) or bwd_state (q, dO). skip: not for the pieces whose states the scan never uses (each
     sequence's last `skip` under fwd_state, first under bwd_state; their slots are left empty): less to read.
     every: state-pass pieces per kernel piece (launch.state_split), whose boundaries bound decay=constant's windows."""
@@ -413,22 +413,23 @@ def _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments, ski
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
     states = _state_like(variant, pieces(x))
+    reach = split.reach_bits(x.dtype)
     _launch(module, variant, kernel, pieces(x), "BV", (pieces(x), pieces(y), states, piece_decay, theta), offset,
             segments, batch=x.shape[0] * (segments - skip) if skip else None, HAS_FINAL=True, SKIP=skip,
-            EVERY=every, REACH=split.reach_bits(x.dtype))
-    return module, states, split.scan_log_decays(variant, log_decay, x.shape, segments)
+            EVERY=every, REACH=reach)
+    return module, states, split.scan_log_decays(variant, log_decay, x.shape, segments), reach
 
 
 def _chunk_state_pass(variant, kernel, x, y, log_decay, theta, offset, segments):
     """LinearAttention.chunk_state / state_gradient by the pieces module: one state per sequence, from its
     pieces' states combined by the scan when it is split (the state after the last piece; the gradient
     of the state before the first)."""
-    module, own, decays = _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments)
+    module, own, decays, reach = _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments)
     if segments == 1:
         return own
     # where the scan ends: the state after the last piece (fwd_state), the gradient of the one before the first
     return split.scan(module, own, decays, segments, x.shape[1] // segments, reverse=kernel == "bwd_state", last=True,
-                      reach=split.reach_bits(x.dtype))[1]
+                      reach=reach)[1]
 
 
 def _reference_state_pass(variant, kernel, x, y, log_decay, theta, offset):
@@ -474,10 +475,10 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
     finer = launch.state_split(variant, q.shape, segments, q.device)  # as in the forward
-    pieces_module, own, decays = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset,
+    pieces_module, own, decays, reach = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset,
                                                segments * finer, skip=finer, every=finer)
     sent = split.scan(pieces_module, own, decays, segments * finer, n // (segments * finer), dht, reverse=True,
-                      every=finer, reach=split.reach_bits(q.dtype))
+                      every=finer, reach=reach)
     after = None
     if variant.learned_decay:  # the state after each piece, for dg (the sequence's last: ht, needed only with dht)
         last = ht[:, None] if dht is not None else torch.zeros_like(by_piece(received)[:, :1])

@@ -142,12 +142,14 @@ def test_state_passes_walk_only_each_heads_reach():
         t[:, 0:8, 0] = float("nan")  # head 0, the first state piece: 24+ tokens before the boundary at 32
     for t in (nan_q, nan_do):
         t[:, 56:64, 0] = float("nan")  # head 0, the last state piece: 24+ tokens after the boundary
-    module, own, decays = ops._piece_states(variant, "fwd_state", nan_k, nan_v, log_decay, theta, 0, 8, skip=4, every=4)
-    reach = split.reach_bits(torch.float32)
+    module, own, decays, reach = ops._piece_states(variant, "fwd_state", nan_k, nan_v, log_decay, theta, 0, 8, skip=4,
+                                                   every=4)
+    assert reach == split.reach_bits(torch.float32)
     received = split.scan(module, own, decays, 8, 8, every=4, reach=reach)[1]  # the state kernel piece 1 starts from
     expected = ops._reference_state_pass(variant, "fwd_state", k[:, :32], v[:, :32], log_decay, theta, 0)[0]
     assert rel_err(received, expected) < TOLERANCE[torch.float32]
-    module, own, decays = ops._piece_states(variant, "bwd_state", nan_q, nan_do, log_decay, theta, 0, 8, skip=4, every=4)
+    module, own, decays, reach = ops._piece_states(variant, "bwd_state", nan_q, nan_do, log_decay, theta, 0, 8, skip=4,
+                                                   every=4)
     sent = split.scan(module, own, decays, 8, 8, reverse=True, every=4, reach=reach)[0]  # the gradient after piece 0
     expected = ops._reference_state_pass(variant, "bwd_state", q[:, 32:], do[:, 32:], log_decay, theta, 32)[0]
     assert rel_err(sent, expected) < TOLERANCE[torch.float32]
