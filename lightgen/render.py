@@ -213,6 +213,8 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         # q and k loaded in fp32 for the feature map; as loaded (fp16 / bf16) when it is the identity, so that
         # the dots read them straight from the loads (decay=vector: always fp32, for its per-feature weights)
         upcast=variant.decay == "vector" or not feats["identity"],
+        # the operands the feature map computes (none: q and k go to the products as loaded)
+        computed=[] if feats["identity"] else parts("q") + parts("k"),
         epilogue=variant.epilogue, gate=gate_code(variant) if variant.gate != "none" else None,
         output_epilogue=output_epilogue,
         state_rows="2 * DK" if lrpe else "DK", state_ptrs=state_ptrs,
