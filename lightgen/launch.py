@@ -115,8 +115,8 @@ def kernels(variant) -> tuple:
 
 def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> str:
     """"fused" or "split" ("split" always under decay=vector): forced by `backward(...)`, else the faster by tuned times when every
-    kernel of both paths has a tuned entry, else the heuristic (on a GPU, split under LRPE; else fused while one dv
-    tile covers dv)."""
+    kernel of both paths has a tuned entry, else the heuristic (on a GPU, split under LRPE or with a feature map at
+    D = 128; else fused while one dv tile covers dv)."""
     if variant.decay == "vector":
         return "split"  # its only path: bwd_dkv's dual product has no per-feature weight (not rendered)
     forced = _forced["backward"]
@@ -132,6 +132,10 @@ def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> 
             return min(times, key=times.get)
     if variant.lrpe == "d" and device.type == "cuda":
         return "split"  # LRPE's fused sweep holds two [2 dk, tile] states: 4.8 ms against 2.5 + 1.8 split (H100, D = 128)
+    if variant.phi_expr != "x" and variant.dk * variant.dv >= 128 * 128 and device.type == "cuda":
+        # a feature map's work beside a whole [128, 128] state in the fused sweep's one program: H100, bf16, 4K, ms,
+        # phi=silu 1.99 against 0.93 + 0.54 split, elu+1 1.86 against 0.80 + 0.62 (D = 64 silu: fused 0.82 against 1.03)
+        return "split"
     tile = heuristic(variant, "bwd_dkv", interpreted=device.type != "cuda")["BV"]
     return "fused" if tile >= variant.dv else "split"
 

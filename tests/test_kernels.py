@@ -258,6 +258,23 @@ def test_backward_paths(spec, path, tile):
                       states=states, offset=3 if states else 0)
 
 
+def test_the_backward_path_without_tuned_entries():
+    """Untuned, a GPU takes the fused sweep where its program holds the state and little else: not under LRPE,
+    nor with a feature map beside a [128, 128] state."""
+    from lightgen import launch
+
+    def path(spec):
+        return launch.backward_path(lightgen.Variant.parse(spec), torch.bfloat16, 4096, torch.device("cuda"))
+
+    assert path("decay=constant,causal,dk=128,dv=128") == "fused"
+    assert path("decay=constant,causal,phi=silu,dk=64,dv=64") == "fused"
+    assert path("decay=constant,causal,phi=silu,dk=128,dv=128") == "split"
+    assert path("decay=none,causal,phi=elu+1,dk=128,dv=128") == "split"
+    assert path("decay=constant,causal,lrpe=d,dk=64,dv=64") == "split"
+    with launch.backward("fused"):
+        assert path("decay=constant,causal,phi=silu,dk=128,dv=128") == "fused"
+
+
 @pytest.mark.parametrize("decay", ["constant", "scalar"])
 def test_state_passing_equals_one_call(decay):
     """Chunked prefill: two calls handing the state over equal one call over the whole sequence."""
