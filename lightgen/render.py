@@ -102,7 +102,12 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
     templates = templates or template_dir()
     env = _environment(str(templates))
     feats = features_code(variant)
+    gate = gate_code(variant) if variant.gate != "none" else None
     lrpe = variant.lrpe == "d"
+    # whether the printed math calls the _sigmoid helper: rendered only then, since a helper in the module is part
+    # of every kernel's key (kernel_key) and would move the tuned entries of variants that never call it
+    printed = feats["fwd_lines"] + feats["bwd_lines"] + (gate["fwd_lines"] + gate["bwd_lines"] if gate else [])
+    sigmoid = any("_sigmoid(" in line for line in printed)
 
     def parts(x):
         return [f"{x}_{p}" for p in feats["parts"]]
@@ -215,7 +220,7 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         upcast=variant.decay == "vector" or not feats["identity"],
         # the operands the feature map computes (none: q and k go to the products as loaded)
         computed=[] if feats["identity"] else parts("q") + parts("k"),
-        epilogue=variant.epilogue, gate=gate_code(variant) if variant.gate != "none" else None,
+        epilogue=variant.epilogue, gate=gate, sigmoid=sigmoid,
         output_epilogue=output_epilogue,
         state_rows="2 * DK" if lrpe else "DK", state_ptrs=state_ptrs,
         vector_scaled=lambda x: [scaled(x)] if variant.decay == "vector" else [],

@@ -114,9 +114,8 @@ class TritonPrinter(StrPrinter):
 
     def _print_Function(self, expr):
         name = type(expr).__name__
-        if name == "sigmoid":
-            # tl.fdiv: a full-range division within 2 ulp, several times fewer instructions than the IEEE one
-            return f"tl.fdiv(1.0, 1.0 + tl.exp(-({self._print(expr.args[0])})))"
+        if name == "sigmoid":  # a helper of the templates (_features.j2): one special-function instruction on a GPU
+            return f"_sigmoid({self._print(expr.args[0])})"
         if name in self._functions:
             return f"{self._functions[name]}({self._print(expr.args[0])})"
         raise ValueError(f"function {name!r} has no Triton translation "
