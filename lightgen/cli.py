@@ -65,6 +65,35 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    import triton
+
+    from . import resources
+
+    config = _config(args.config) if args.config else None
+    kernels = args.kernels.split(",") if args.kernels else None
+    results = resources.inspect(args.spec, arch=args.arch, dtype=args.dtype, n=_ints(args.seqlen, "--seqlen")[0],
+                                kernels=kernels, config=config)
+    print(f"{args.spec}: compiled for {args.arch} by Triton {triton.__version__}, {args.dtype}, "
+          f"launch configs for N = {args.seqlen}")
+    print(resources.table(results))
+    if args.dump:
+        for path in resources.dump(results, args.dump):
+            print(f"wrote {path}")
+    return 0
+
+
+def _config(text: str) -> dict:
+    """'C=32,BV=64,num_warps=8' -> {"C": 32, "BV": 64, "num_warps": 8}."""
+    config = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"--config: {item!r} is not NAME=INTEGER (e.g. C=32,BV=64,num_warps=8,num_stages=3)")
+        config[name.strip()] = int(value)
+    return config
+
+
 def _ints(text: str, what: str) -> tuple[int, ...]:
     """'1024,8k,64K' -> (1024, 8192, 65536)."""
     values = []
@@ -264,6 +293,23 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--batch", type=int, default=64, help="--decode: sequences per step (default 64)")
     r.add_argument("--sweep", action="store_true", help="--decode: also time the step over BV and num_warps")
     r.set_defaults(fn=cmd_bench)
+
+    i = sub.add_parser("inspect", help="compile the kernels for a GPU arch (no GPU needed): registers, spills, "
+                                       "wgmma and its waits",
+                       description="Compile the variant's launch-tuned kernels for a CUDA arch as a launch would "
+                                   "(that arch's tuned configs, else the heuristic) and report, per kernel: "
+                                   "registers, spilled bytes, shared memory, and the SASS's wgmma (HGMMA), waits "
+                                   "for it with none in flight (wait0), mma.sync (HMMA), special functions (MUFU) "
+                                   "and spill traffic (LDL/STL). Needs Triton, not a GPU (see lightgen/resources.py).")
+    i.add_argument("spec", help=SPEC_HELP)
+    i.add_argument("--arch", default="sm90", help="CUDA arch to compile for (default sm90: H100, H200)")
+    i.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
+    i.add_argument("--seqlen", default="4k", help="the length whose tuned launch configs are used (default 4k)")
+    i.add_argument("--kernels", help="comma-separated subset of fwd,bwd_dq,bwd_dkv,bwd_dk,bwd_dv (default: all)")
+    i.add_argument("--config", help="launch config for every kernel, e.g. C=32,BV=64,num_warps=8,num_stages=3 "
+                                    "(names it leaves out: the heuristic's)")
+    i.add_argument("--dump", metavar="DIR", help="also write each kernel's TTGIR, PTX and SASS there")
+    i.set_defaults(fn=cmd_inspect)
 
     c = sub.add_parser("cache", help="tuned launch configs: list | export FILE | import FILE | merge A B",
                        description="Share tuned launch configs: list them, export to a file, import a file "

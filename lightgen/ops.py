@@ -329,7 +329,7 @@ def _state_shape(variant, batch, heads):
 def _use_kernels(t: torch.Tensor) -> bool:
     # LIGHTGEN_CPU_REFERENCE=1 picks the reference on CPU even under the interpreter (fast CPU tests
     # of models); toggling TRITON_INTERPRET itself inside a process confuses Triton's interpreter.
-    if t.is_cuda:
+    if t.is_cuda or _recorded is not None:
         return True
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LIGHTGEN_CPU_REFERENCE") != "1"
 
@@ -341,12 +341,45 @@ class TileShares(NamedTuple):
     total: torch.Tensor
 
 
+# ---- recording the launches (the tuner replays one to time it, lightgen.inspect to compile it) ----------
+
+_recorded: dict | None = None  # while record_launches runs: kernel name -> its _launch call
+
+
+def record_launches(attn, q, k, v, do, **kwargs) -> dict:
+    """kernel name -> (args, kwargs) of its _launch call in one forward + backward of `attn` on q, k, v
+    (`kwargs`: attn's keyword arguments) with the output's gradient `do`, once per backward path
+    (launch.BACKWARDS). Nothing is launched, so the outputs are garbage; the kernel path is taken on any
+    device, CPU tensors without Triton's interpreter too. Replaying a call, _launch(*args, **kwargs) under
+    launch.override, launches one kernel with a chosen config."""
+    global _recorded
+    if _recorded is not None:
+        raise RuntimeError("record_launches: already recording (one recording at a time)")
+    _recorded = calls = {}
+    try:
+        for path in launch.BACKWARDS:  # the backward's two ways: the kernels of both
+            with launch.backward(path):
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                attn(*leaves, **kwargs).backward(do)
+    finally:
+        _recorded = None
+    missing = [name for name in launch.kernels(attn.variant) if name not in calls]
+    if missing:
+        raise RuntimeError(f"no launch of {', '.join(missing)} seen in a forward + backward "
+                           f"(is LIGHTGEN_CPU_REFERENCE set?)")
+    return calls
+
+
 def _launch(module, variant, kernel, q, tile_name, args, offset, segments, cu_seqlens=None, batch=None, **flags):
     """One kernel over B*H*tiles programs: its output's head dim ("BK": dk, "BV": dv) is tiled.
     Packed sequences (cu_seqlens): S*H*tiles programs of the varlen module's kernel. batch: programs
     for only that many of the B rows (the pieces module's SKIP)."""
     import triton.language as tl
 
+    if _recorded is not None:  # record_launches: the first call of each kernel, not launched
+        _recorded.setdefault(kernel, ((module, variant, kernel, q, tile_name, args, offset, segments),
+                                      dict(cu_seqlens=cu_seqlens, batch=batch, **flags)))
+        return
     b, n, h, _ = q.shape
     if cu_seqlens is None:
         length, tail = n, (n, h, variant.scale, offset, segments)
@@ -532,7 +565,8 @@ def _epilogue_backward(module, variant, o, u, dy):
     do = torch.empty_like(o)
     du = torch.empty_like(u) if u is not None else None
     rows, per_program = o.numel() // variant.dv, launch.epilogue_rows(variant)
-    module.bwd_epilogue[(-(-rows // per_program),)](o, u, dy, do, du, rows, DV=variant.dv, BR=per_program)
+    if _recorded is None:  # (its launch params are fixed: nothing to record)
+        module.bwd_epilogue[(-(-rows // per_program),)](o, u, dy, do, du, rows, DV=variant.dv, BR=per_program)
     return do, du
 
 
@@ -551,7 +585,8 @@ def _log_decay_grad(variant, dG, dht, ht, cu_seqlens=None):
         b, n = dG.shape[:2]
         cols = dG[0, 0].numel()
         block = 32  # columns per program: at B = 1, H * dk = 2048 makes 64 programs
-        build.load(variant, "pieces").suffix_sums[(b, -(-cols // block))](dG, n, cols, ROWS=64, BLOCK=block)
+        if _recorded is None:  # (its launch params are fixed: nothing to record)
+            build.load(variant, "pieces").suffix_sums[(b, -(-cols // block))](dG, n, cols, ROWS=64, BLOCK=block)
         return dG
     # torch scans a copy with N last along its rows (its scan over dim 1 of [B, N, H] took 1.46 ms at B = 8,
     # N = 8K, H = 16 on H100; this, a few us)

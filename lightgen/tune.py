@@ -656,27 +656,12 @@ class _Case:
         self.kernels: dict = {}
 
     def _capture(self) -> dict:
-        """kernel name -> (args, kwargs) of its ops._launch call in one forward + backward. Replaying
-        these calls keeps how ops builds a kernel's arguments in one place: ops."""
+        """kernel name -> (args, kwargs) of its ops._launch call in one forward + backward (ops.record_launches:
+        replaying these calls keeps how ops builds a kernel's arguments in one place, ops)."""
         from . import ops
 
-        calls = {}
-        real = ops._launch
-        ops._launch = lambda *a, **kw: calls.setdefault(a[2], (a, kw))  # a[2]: the kernel's name
-        try:
-            for path in launch.BACKWARDS:  # the backward's two ways: tune the kernels of both
-                with launch.backward(path):
-                    leaves = [t.detach().requires_grad_() for t in (self.q, self.k, self.v)]
-                    extra = {name: t for name, t in (("slopes", self.slopes), ("g", self.g), ("u", self.u))
-                             if t is not None}
-                    self.attn(*leaves, theta=self.theta, **extra).backward(self.do)
-        finally:
-            ops._launch = real
-        missing = [k for k in launch.kernels(self.attn.variant) if k not in calls]
-        if missing:
-            raise RuntimeError(f"no launch of {', '.join(missing)} seen in a forward + backward "
-                               f"(is LIGHTGEN_CPU_REFERENCE set?)")
-        return calls
+        extra = {name: t for name, t in (("slopes", self.slopes), ("g", self.g), ("u", self.u)) if t is not None}
+        return ops.record_launches(self.attn, self.q, self.k, self.v, self.do, theta=self.theta, **extra)
 
     def kernel(self, name: str, default: dict) -> "_Kernel":
         if name not in self.kernels:
