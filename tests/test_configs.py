@@ -205,20 +205,36 @@ def test_rekey_moves_entries_and_keeps_the_faster_on_a_clash(tmp_path):
     assert json.loads(path.read_text())["entries"][-1] == "not an entry"  # carried along
 
 
+# the variants tuned on the H100: spec -> (dtypes, kernels; None: launch.kernels(variant))
+SHIPPED = {
+    "decay=constant,causal,dk=128,dv=128": (("bf16", "fp16"), None),
+    "decay=constant,causal,dk=64,dv=64": (("bf16", "fp16"), None),
+    "decay=none,causal,dk=128,dv=128": (("bf16", "fp16"), None),
+    "decay=none,causal,dk=64,dv=64": (("bf16", "fp16"), None),
+    "decay=constant,causal,phi=silu,dk=128,dv=128": (("bf16", "fp16"), None),  # tnl's layers 1..L-1
+    # tnl's first layer: its fused bwd_dkv (5 ms against 3.4 split) has no entry, so it takes the split backward
+    "decay=constant,causal,lrpe=d,phi=silu,dk=128,dv=128,scale=1": (("bf16",), ("fwd", "bwd_dq", "bwd_dk", "bwd_dv")),
+    "decay=scalar,causal,dk=128,dv=128": (("bf16",), None),
+    "decay=vector,causal,dk=128,dv=128": (("bf16",), None),
+}
+
+
 def test_the_shipped_entries_are_keyed_by_kernels_of_the_current_templates():
-    """Every shipped entry for the variants tuned on the H100 is found by the key lookups use now
-    (a template change that resets them shows here, not as a silent fall-back on the GPU)."""
+    """Every shipped entry is found by the key lookups use now, and every tuned variant's kernel has its
+    entries: a template change that moves a kernel's key shows here, not as a silent fall-back to the
+    heuristic on the GPU (or as entries nothing looks up)."""
     from lightgen import launch, render
     from lightgen.spec import Variant
 
-    specs = ["decay=constant,causal,dk=128,dv=128", "decay=constant,causal,dk=64,dv=64",
-             "decay=none,causal,dk=128,dv=128", "decay=none,causal,dk=64,dv=64"]
-    shipped = {(k.variant, k.kernel, k.dk, k.dtype) for k, _ in configs.entries(configs.shipped_dir())}
-    for spec in specs:
+    shipped = {(k.variant, k.kernel, k.dk, k.dv, k.dtype) for k, _ in configs.entries(configs.shipped_dir())}
+    wanted = set()
+    for spec, (dtypes, kernels) in SHIPPED.items():
         variant = Variant.parse(spec)
-        for kernel in launch.kernels(variant):
-            for dtype in ("bf16", "fp16"):
-                assert (render.kernel_key(variant, kernel), kernel, variant.dk, dtype) in shipped, (spec, kernel, dtype)
+        for kernel in kernels or launch.kernels(variant):
+            for dtype in dtypes:
+                wanted.add((render.kernel_key(variant, kernel), kernel, variant.dk, variant.dv, dtype))
+    assert sorted(wanted - shipped) == [], "tuned kernels without entries (re-tune, or configs.rekey)"
+    assert sorted(shipped - wanted) == [], "shipped entries that no lookup finds (stale keys)"
 
 
 # ---------------------------------------------------------------------------------------------
