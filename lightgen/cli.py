@@ -296,8 +296,9 @@ def parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="compile the kernels for a GPU arch (no GPU needed): registers, spills, "
                                        "wgmma and its waits",
-                       description="Compile the variant's launch-tuned kernels for a CUDA arch as a launch would "
-                                   "(that arch's tuned configs, else the heuristic) and report, per kernel: "
+                       description="Compile the variant's launch-tuned kernels and state passes for a CUDA arch "
+                                   "as a launch would (that arch's tuned configs, else the heuristic) and report, "
+                                   "per kernel: "
                                    "registers, spilled bytes, shared memory, and the SASS's wgmma (HGMMA), waits "
                                    "for it with none in flight (wait0), mma.sync (HMMA), special functions (MUFU) "
                                    "and spill traffic (LDL/STL). Needs Triton, not a GPU (see lightgen/resources.py).")
@@ -305,7 +306,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--arch", default="sm90", help="CUDA arch to compile for (default sm90: H100, H200)")
     i.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
     i.add_argument("--seqlen", default="4k", help="the length whose tuned launch configs are used (default 4k)")
-    i.add_argument("--kernels", help="comma-separated subset of fwd,bwd_dq,bwd_dkv,bwd_dk,bwd_dv (default: all)")
+    i.add_argument("--kernels", help="comma-separated subset of fwd,bwd_dq,bwd_dkv,bwd_dk,bwd_dv,fwd_state,bwd_state "
+                                     "(default: all the variant has)")
     i.add_argument("--config", help="launch config for every kernel, e.g. C=32,BV=64,num_warps=8,num_stages=3 "
                                     "(names it leaves out: the heuristic's)")
     i.add_argument("--dump", metavar="DIR", help="also write each kernel's TTGIR, PTX and SASS there")

@@ -207,14 +207,21 @@ VECTOR_STATE_PASS = {"C": 32, "num_warps": 4, "num_stages": 2}  # and the whole 
 STATE_PASS_WARPS = 4
 
 
-def params(variant, kernel: str, dtype: torch.dtype, n: int, device: torch.device) -> dict:
-    if kernel in BORROWED and variant.decay == "vector" and device.type == "cuda" and _forced["params"] is None:
+def state_pass_params(variant, borrowed: dict, gpu: bool = True) -> dict:
+    """A state pass's launch params from those of the kernel it borrows from (BORROWED), on a GPU or not."""
+    if variant.decay == "vector" and gpu:
         return {**heuristic(variant, "fwd", interpreted=False), **VECTOR_STATE_PASS, "BV": min(variant.dv, 128)}
+    if variant.state_rows * borrowed["BV"] <= 128 * 128:
+        return {**borrowed, "num_warps": min(borrowed["num_warps"], STATE_PASS_WARPS)}
+    return borrowed
+
+
+def params(variant, kernel: str, dtype: torch.dtype, n: int, device: torch.device) -> dict:
     if kernel in BORROWED:
         borrowed = params(variant, BORROWED[kernel], dtype, n, device)
-        if variant.state_rows * borrowed["BV"] <= 128 * 128 and _forced["params"] is None:
-            return {**borrowed, "num_warps": min(borrowed["num_warps"], STATE_PASS_WARPS)}
-        return borrowed
+        if _forced["params"] is not None:
+            return borrowed
+        return state_pass_params(variant, borrowed, gpu=device.type == "cuda")
     forced = _forced["params"]
     if forced is not None:
         chosen = {**heuristic(variant, kernel, interpreted=device.type != "cuda"), **forced}

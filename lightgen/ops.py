@@ -349,8 +349,9 @@ _recorded: dict | None = None  # while record_launches runs: kernel name -> its 
 def record_launches(attn, q, k, v, do, **kwargs) -> dict:
     """kernel name -> (args, kwargs) of its _launch call in one forward + backward of `attn` on q, k, v
     (`kwargs`: attn's keyword arguments) with the output's gradient `do`, once per backward path
-    (launch.BACKWARDS). Nothing is launched, so the outputs are garbage; the kernel path is taken on any
-    device, CPU tensors without Triton's interpreter too. Replaying a call, _launch(*args, **kwargs) under
+    (launch.BACKWARDS), and for a causal variant its state passes (chunk_state and state_gradient: fwd_state,
+    bwd_state). Nothing is launched, so the outputs are garbage; the kernel path is taken on any device, CPU
+    tensors without Triton's interpreter too. Replaying a call, _launch(*args, **kwargs) under
     launch.override, launches one kernel with a chosen config."""
     global _recorded
     if _recorded is not None:
@@ -361,6 +362,10 @@ def record_launches(attn, q, k, v, do, **kwargs) -> dict:
             with launch.backward(path):
                 leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                 attn(*leaves, **kwargs).backward(do)
+        if attn.variant.causal:
+            decays = {name: kwargs[name] for name in ("slopes", "theta", "g") if name in kwargs}
+            attn.chunk_state(k, v, **decays)
+            attn.state_gradient(q, do, **decays)
     finally:
         _recorded = None
     missing = [name for name in launch.kernels(attn.variant) if name not in calls]

@@ -1,9 +1,10 @@
 """What a variant's kernels compile to on a GPU that need not be here (`lightgen inspect SPEC --arch sm90`).
 
 Device time is scarce and a kernel's registers, spills and instruction mix explain most of its time, so this
-compiles each launch-tuned kernel for the target as a launch would: the arguments of a forward + backward
-(ops.record_launches on small CPU tensors, nothing runs), Triton's own argument specialization for that
-target, and the launch config that GPU takes (its arch's tuned entry, else the heuristic; or one given).
+compiles each launch-tuned kernel (and a causal variant's state passes, fwd_state and bwd_state) for the target
+as a launch would: the arguments of a forward + backward (ops.record_launches on small CPU tensors, nothing
+runs), Triton's own argument specialization for that target, and the launch config that GPU takes (its arch's
+tuned entry, else the heuristic; or one given).
 Triton compiles through its own ptxas; the report reads the cubin with the CUDA tools Triton ships:
   regs      registers per thread (255 is the most a thread can have)
   spill     the stack frame in bytes per thread: values that did not fit in registers
@@ -68,12 +69,17 @@ def launch_config(variant, kernel: str, arch: str, dtype: torch.dtype, n: int, c
                   ) -> tuple[dict, str]:
     """(params, where they came from) for `kernel` on a GPU of `arch` at sequence length n: `config` over the
     GPU heuristic when given; else the arch's tuned entry (nearest N bucket; the installed Triton's entries
-    first, else the newest version's; the GPU with the most entries); else the GPU heuristic."""
+    first, else the newest version's; the GPU with the most entries); else the GPU heuristic. A state pass
+    takes what its kernel's config gives it (launch.BORROWED, launch.state_pass_params)."""
+    if kernel in launch.BORROWED and not config:
+        params, source = launch_config(variant, launch.BORROWED[kernel], arch, dtype, n)
+        return launch.state_pass_params(variant, params), f"{source}, as {launch.BORROWED[kernel]}'s"
     default = launch.heuristic(variant, kernel, interpreted=False)
     if config:
         unknown = sorted(set(config) - set(launch.PARAM_NAMES))
         if unknown:
-            raise ValueError(f"config: unknown {', '.join(unknown)}: expected names from {', '.join(launch.PARAM_NAMES)}")
+            raise ValueError(f"config: unknown {', '.join(unknown)}: "
+                             f"expected names from {', '.join(launch.PARAM_NAMES)}")
         params = {**default, **config}
         why = launch.problem(params, variant, kernel)
         if why is not None:
@@ -100,8 +106,8 @@ def _version(text: str) -> tuple[int, ...]:
 
 def inspect(spec, arch: str = "sm90", dtype: str = "bf16", n: int = 4096, kernels=None, config: dict | None = None
             ) -> list[Resources]:
-    """Compile the variant's launch-tuned kernels (launch.kernels, or `kernels`) for `arch` and read what they
-    became. Needs Triton's compiler, not a GPU; not under TRITON_INTERPRET=1 (the kernels would be the
+    """Compile the variant's kernels (launch.kernels and the state passes, or `kernels`) for `arch` and read what
+    they became. Needs Triton's compiler, not a GPU; not under TRITON_INTERPRET=1 (the kernels would be the
     interpreter's)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("lightgen inspect compiles for a GPU: run it without TRITON_INTERPRET=1")
@@ -111,7 +117,7 @@ def inspect(spec, arch: str = "sm90", dtype: str = "bf16", n: int = 4096, kernel
     gpu = target(arch)
     case = _Case(spec, dtype, TOKENS, 1, HEADS, torch.device("cpu"))
     variant = case.attn.variant
-    names = tuple(kernels) if kernels else launch.kernels(variant)
+    names = tuple(kernels) if kernels else tuple(case.launches)
     unknown = [k for k in names if k not in case.launches]
     if unknown:
         raise ValueError(f"kernels: {', '.join(unknown)}: expected names from {', '.join(case.launches)}")
@@ -173,7 +179,8 @@ def _read(name, params, source, compiled) -> Resources:
     stack = re.search(r"STACK:(\d+)", usage)
     if regs is None or stack is None:
         raise RuntimeError(f"cuobjdump gave no REG / STACK for {name}:\n{usage}")
-    counts = {column: sum(1 for line in sass.splitlines() if pattern.search(line)) for column, pattern in COUNTED.items()}
+    lines = sass.splitlines()
+    counts = {column: sum(1 for line in lines if pattern.search(line)) for column, pattern in COUNTED.items()}
     return Resources(name, params, source, int(regs[1]), int(stack[1]), compiled.metadata.shared, counts,
                      {"ttgir": compiled.asm["ttgir"], "ptx": compiled.asm["ptx"], "sass": sass})
 

@@ -42,15 +42,19 @@ def test_inspect_compiles_every_kernel_for_sm90_with_its_tuned_config():
     assert code == 0, err
     rows = _rows(out)
     variant = Variant.parse(TNL64)
-    assert list(rows) == list(launch.kernels(variant))
+    assert list(rows) == [*launch.kernels(variant), "fwd_state", "bwd_state"]  # and the causal state passes
     for kernel, row in rows.items():
-        # the launch config is the shipped sm90 entry of this kernel's code at 4K, as a launch on an H100 takes it
-        entry = configs.lookup_entry("sm90", "NVIDIA H100 80GB HBM3", "3.6", render.kernel_key(variant, kernel),
-                                     kernel, 64, 64, torch.bfloat16, 4096)
-        assert entry is not None and row["config"] == "tuned (NVIDIA H100 80GB HBM3, Triton 3.6)"
-        assert {p: int(row[p.replace("num_", "")]) for p in launch.PARAM_NAMES} == entry["params"]
+        # the launch config is the shipped sm90 entry of this kernel's code at 4K, as a launch on an H100 takes it;
+        # a state pass's is that of the kernel it borrows from, at most 4 warps
+        tuned = launch.BORROWED.get(kernel, kernel)
+        entry = configs.lookup_entry("sm90", "NVIDIA H100 80GB HBM3", "3.6", render.kernel_key(variant, tuned),
+                                     tuned, 64, 64, torch.bfloat16, 4096)
+        assert entry is not None and row["config"].startswith("tuned (NVIDIA H100 80GB HBM3, Triton 3.6)")
+        want = launch.state_pass_params(variant, entry["params"]) if kernel in launch.BORROWED else entry["params"]
+        assert {p: int(row[p.replace("num_", "")]) for p in launch.PARAM_NAMES} == want
         assert 0 < int(row["regs"]) <= 255 and int(row["spill"]) >= 0 and float(row["smem"]) > 0
         assert int(row["HGMMA"]) > 0  # Hopper's wgmma: the 64-token products of every kernel
+    assert rows["fwd_state"]["warps"] == "4" and rows["fwd_state"]["config"].endswith("as fwd's")
 
 
 def test_inspect_names_the_arch_it_compiled_for_and_takes_a_given_config(tmp_path):
