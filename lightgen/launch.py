@@ -14,6 +14,7 @@ Order of precedence in params():
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 
 import torch
@@ -27,8 +28,16 @@ class LaunchConfigWarning(UserWarning):
     """No usable tuned config for a launch: lightgen runs with its heuristic default."""
 
 
-def heuristic(variant, kernel: str, interpreted: bool) -> dict:
-    """Defaults that are correct everywhere and reasonable on an H100."""
+def mma_sync_only(arch: str) -> bool:
+    """Whether a CUDA arch ("sm80") has only mma.sync for its tensor-core products: before Hopper, and sm120
+    (consumer Blackwell). Hopper's wgmma (sm90) and Blackwell's tcgen05 (sm100-sm110) read an operand from shared
+    memory; with mma.sync every operand and result of a product lives in registers."""
+    match = re.fullmatch(r"sm_?(\d+)a?", arch)
+    return match is not None and not 90 <= int(match[1]) < 120
+
+
+def heuristic(variant, kernel: str, interpreted: bool, arch: str = "sm90") -> dict:
+    """Defaults that are correct everywhere and reasonable on an H100 (`arch`: the GPU's, e.g. "sm80")."""
     if kernel == "step":
         return _step_heuristic(variant, interpreted)
     bk, bv = min(variant.dk, 64), min(variant.dv, 64)
@@ -55,6 +64,11 @@ def heuristic(variant, kernel: str, interpreted: bool) -> dict:
         # (its two products through one [dk, dv] state: C = 64 spills). bf16, 4K, ms: fwd 0.378, bwd_dq 0.380,
         # bwd_dkv 0.744, bwd_dk 0.380 and bwd_dv 0.386
         tile = {"BK": 128} if kernel in ("bwd_dq", "bwd_dk") else {"BV": 128}
+        if mma_sync_only(arch):
+            # without wgmma those 64-token chunks spill in every kernel: sm80, Triton 3.6, TNL (`lightgen inspect`),
+            # 368-384 bytes a thread and ~290 spill loads and stores in each chunk's loop; at 32-token chunks none but
+            # bwd_dkv's (silu too; decay=none's bwd_dq 40). Chosen by compile, not timed (no such GPU here)
+            return {"C": 32, "BK": bk, "BV": bv, **tile, "num_warps": 8, "num_stages": 3}
         return {"C": 32 if kernel == "bwd_dkv" else 64, "BK": bk, "BV": bv, **tile, "num_warps": 8, "num_stages": 3}
     # what tuning picked on H100 at D = 64 (TNL, decay=none): 64-token chunks (32 for bwd_dkv), 4 warps, 3 stages
     return {"C": 32 if kernel == "bwd_dkv" else chunk, "BK": bk, "BV": bv, "num_warps": 4, "num_stages": 3}
@@ -115,8 +129,8 @@ def kernels(variant) -> tuple:
 
 def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> str:
     """"fused" or "split" ("split" always under decay=vector): forced by `backward(...)`, else the faster by tuned times when every
-    kernel of both paths has a tuned entry, else the heuristic (on a GPU, split under LRPE or with a feature map at
-    D = 128; else fused while one dv tile covers dv)."""
+    kernel of both paths has a tuned entry, else the heuristic (on a GPU, split under LRPE, or at D = 128 with a
+    feature map or without wgmma (mma_sync_only); else fused while one dv tile covers dv)."""
     if variant.decay == "vector":
         return "split"  # its only path: bwd_dkv's dual product has no per-feature weight (not rendered)
     forced = _forced["backward"]
@@ -132,7 +146,10 @@ def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> 
             return min(times, key=times.get)
     if variant.lrpe == "d" and device.type == "cuda":
         return "split"  # LRPE's fused sweep holds two [2 dk, tile] states: 4.8 ms against 2.5 + 1.8 split (H100, D = 128)
-    if variant.phi_expr != "x" and variant.dk * variant.dv >= 128 * 128 and device.type == "cuda":
+    big = variant.dk * variant.dv >= 128 * 128
+    if big and device.type == "cuda" and mma_sync_only(configs.current_arch(device)[0]):
+        return "split"  # without wgmma the fused sweep spills at every config (sm80, TNL D = 128: 232-616 B a thread)
+    if variant.phi_expr != "x" and big and device.type == "cuda":
         # a feature map's work beside a whole [128, 128] state in the fused sweep's one program: H100, bf16, 4K, ms,
         # phi=silu 1.99 against 0.93 + 0.54 split, elu+1 1.86 against 0.80 + 0.62 (D = 64 silu: fused 0.82 against 1.03)
         return "split"
@@ -223,15 +240,17 @@ def params(variant, kernel: str, dtype: torch.dtype, n: int, device: torch.devic
             return borrowed
         return state_pass_params(variant, borrowed, gpu=device.type == "cuda")
     forced = _forced["params"]
+    args = _lookup_args(variant, kernel, dtype, device) if device.type == "cuda" else None
     if forced is not None:
-        chosen = {**heuristic(variant, kernel, interpreted=device.type != "cuda"), **forced}
+        default = heuristic(variant, kernel, interpreted=True) if args is None else \
+            heuristic(variant, kernel, interpreted=False, arch=args[0])
+        chosen = {**default, **forced}
         why = problem(chosen, variant, kernel)
         if why is not None:
             raise ValueError(f"launch.override: {why} ({kernel} of {variant})")
         return chosen
-    if device.type != "cuda":
+    if args is None:
         return heuristic(variant, kernel, interpreted=True)
-    args = _lookup_args(variant, kernel, dtype, device)
     tuned = configs.lookup(*args, n)
     why = "missing" if tuned is None else problem(tuned, variant, kernel)
     if why is None:
@@ -247,7 +266,7 @@ def params(variant, kernel: str, dtype: torch.dtype, n: int, device: torch.devic
             message = (f"lightgen: the tuned launch config for {kernel} of {variant} ({name}, N~{n}, {gpu}) is "
                        f"invalid ({why}: {tuned}); using the heuristic default. Re-tune: lightgen tune '{variant}'")
         warnings.warn(message, LaunchConfigWarning, stacklevel=3)  # points at the caller of params()
-    return heuristic(variant, kernel, interpreted=False)
+    return heuristic(variant, kernel, interpreted=False, arch=args[0])
 
 
 def epilogue_rows(variant) -> int:

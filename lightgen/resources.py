@@ -11,6 +11,7 @@ Triton compiles through its own ptxas; the report reads the cubin with the CUDA 
   smem      shared memory per program, KB
   HGMMA     wgmma instructions (Hopper's asynchronous tensor-core products)
   wait0     WARPGROUP.DEPBAR ... 0x0: waits until no wgmma is in flight (each one serializes the products)
+  UTCMMA    tcgen05 instructions (Blackwell's products, sm100: accumulators in tensor memory)
   HMMA      mma.sync instructions (the older synchronous tensor-core products)
   MUFU      special-function instructions (exp2, tanh, reciprocal): 16 per clock per SM against 128 FP32
   LDL/STL   local-memory loads and stores: the traffic of spilled values
@@ -35,6 +36,7 @@ from . import configs, launch, render
 COUNTED = {
     "HGMMA": re.compile(r"\bHGMMA\."),
     "wait0": re.compile(r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b"),
+    "UTCMMA": re.compile(r"\bUTC\w*MMA\b"),
     "HMMA": re.compile(r"\bHMMA\."),
     "MUFU": re.compile(r"\bMUFU\."),
     "LDL/STL": re.compile(r"\b(LDL|STL)(\.|\s)"),
@@ -74,7 +76,7 @@ def launch_config(variant, kernel: str, arch: str, dtype: torch.dtype, n: int, c
     if kernel in launch.BORROWED and not config:
         params, source = launch_config(variant, launch.BORROWED[kernel], arch, dtype, n)
         return launch.state_pass_params(variant, params), f"{source}, as {launch.BORROWED[kernel]}'s"
-    default = launch.heuristic(variant, kernel, interpreted=False)
+    default = launch.heuristic(variant, kernel, interpreted=False, arch=arch)
     if config:
         unknown = sorted(set(config) - set(launch.PARAM_NAMES))
         if unknown:

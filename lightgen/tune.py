@@ -230,7 +230,7 @@ def _tune_study(optuna, store, worker, variant, plan: _Study, env, bar, hints=()
     # keyed by the length the kernels walk, as lookups are: a split sequence launches as pieces
     key = configs.ConfigKey(env["arch"], env["gpu"], env["triton"], render.kernel_key(variant, kernel), kernel,
                             variant.dk, variant.dv, dtype, configs.n_bucket(walked))
-    default = launch.heuristic(variant, kernel, interpreted=env["interpreted"])
+    default = launch.heuristic(variant, kernel, interpreted=env["interpreted"], arch=env["arch"])
     dists = space(optuna, variant, kernel, default)
     mine = {name: default[name] for name in dists}
     with warnings.catch_warnings():
@@ -379,7 +379,7 @@ def warm_up(optuna, variant, studies, env, jobs, timeout_s, progress=True) -> di
     A child that dies, or runs one config longer than timeout_s, fails that config."""
     requests = {}  # one launch per binary: N is no compile-time constant, so a config compiles once for every length
     for study in studies:
-        default = launch.heuristic(variant, study.kernel, interpreted=env["interpreted"])
+        default = launch.heuristic(variant, study.kernel, interpreted=env["interpreted"], arch=env["arch"])
         dists = space(optuna, variant, study.kernel, default)
         for values in itertools.product(*(d.choices for d in dists.values())):
             params = {**default, **dict(zip(dists, values))}

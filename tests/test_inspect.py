@@ -90,3 +90,16 @@ def test_launch_config_takes_the_heuristic_where_the_arch_has_no_entry():
     variant = Variant.parse(TNL64)
     params, source = resources.launch_config(variant, "fwd", "sm100", torch.bfloat16, 4096)
     assert (params, source) == (launch.heuristic(variant, "fwd", interpreted=False), "heuristic")
+
+
+def test_the_heuristic_compiles_without_spills_where_gpus_have_only_mma_sync():
+    """launch.heuristic's A100 rule at D = 128, as compiled for sm80 (the H100's 64-token chunks spilled 320-384
+    bytes a thread there): the kernels an untuned A100 runs spill nothing, the fused backward's bwd_dkv left out
+    (it takes the split one)."""
+    code, out, err = _inspect("decay=constant,causal,dk=128,dv=128", "--arch", "sm80",
+                              "--kernels", "fwd,bwd_dq,bwd_dk,bwd_dv")
+    assert code == 0, err
+    rows = _rows(out)
+    assert {k: (row["C"], row["config"]) for k, row in rows.items()} == {k: ("32", "heuristic") for k in rows}
+    assert {k: row["spill"] for k, row in rows.items()} == {k: "0" for k in rows}
+    assert {k: row["HGMMA"] for k, row in rows.items()} == {k: "0" for k in rows}

@@ -492,3 +492,25 @@ def test_cli_dry_run(tmp_path, optuna, interpreter, monkeypatch, capsys):
     assert "bwd_dkv" in out and "1 new or faster entries" in out
     ((key, value),) = configs.entries(tmp_path / "user")
     assert (key.kernel, key.n_bucket, key.dtype, value["trials"]) == ("bwd_dkv", 64, "fp32", 2)
+
+
+def test_gpus_with_only_mma_sync_take_32_token_chunks_and_the_split_backward_at_d128(store, monkeypatch):
+    """Before Hopper (and on sm120) a product's operands and results all live in registers: the H100's 64-token
+    chunks spill there at D = 128 (tests/test_inspect.py compiles it), so an untuned A100 takes 32-token chunks in
+    every kernel and the split backward (its fused sweep spills at every config). Hopper and Blackwell keep the
+    H100's defaults."""
+    assert [launch.mma_sync_only(a) for a in ("sm75", "sm80", "sm86", "sm89", "sm90", "sm90a", "sm100", "sm120")] == \
+        [True, True, True, True, False, False, False, True]
+    tnl = Variant.parse("decay=constant,causal,dk=128,dv=128")
+    for kernel in launch.kernels(tnl):
+        hopper, ampere = (launch.heuristic(tnl, kernel, interpreted=False, arch=a) for a in ("sm90", "sm80"))
+        assert hopper == launch.heuristic(tnl, kernel, interpreted=False)  # sm90: the default arch
+        assert ampere == {**hopper, "C": 32}
+        assert launch.heuristic(tnl, kernel, interpreted=False, arch="sm100") == hopper
+    small = Variant.parse("decay=constant,causal,dk=64,dv=64")  # spills nowhere at the H100's defaults
+    assert launch.heuristic(small, "fwd", False, arch="sm80") == launch.heuristic(small, "fwd", False)
+    monkeypatch.setattr(configs, "current_arch", lambda device=None: ("sm80", "NVIDIA A100-SXM4-80GB"))
+    with pytest.warns(LaunchConfigWarning, match="no tuned launch config"):
+        assert launch.params(tnl, "fwd", torch.bfloat16, 4096, CUDA0)["C"] == 32
+    assert launch.backward_path(tnl, torch.bfloat16, 4096, CUDA0) == "split"
+    assert launch.backward_path(small, torch.bfloat16, 4096, CUDA0) == "fused"
