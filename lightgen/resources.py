@@ -7,14 +7,15 @@ runs), Triton's own argument specialization for that target, and the launch conf
 tuned entry, else the heuristic; or one given).
 Triton compiles through its own ptxas; the report reads the cubin with the CUDA tools Triton ships:
   regs      registers per thread (255 is the most a thread can have)
-  spill     the stack frame in bytes per thread: values that did not fit in registers
+  stack     the stack frame in bytes per thread: registers spilled (at 255 registers), or a local array (under 255:
+            e.g. the slow path of sin / cos for arguments past 1e5, which LRPE's kernels hold and rarely take)
   smem      shared memory per program, KB
   HGMMA     wgmma instructions (Hopper's asynchronous tensor-core products)
   wait0     WARPGROUP.DEPBAR ... 0x0: waits until no wgmma is in flight (each one serializes the products)
   UTCMMA    tcgen05 instructions (Blackwell's products, sm100: accumulators in tensor memory)
   HMMA      mma.sync instructions (the older synchronous tensor-core products)
   MUFU      special-function instructions (exp2, tanh, reciprocal): 16 per clock per SM against 128 FP32
-  LDL/STL   local-memory loads and stores: the traffic of spilled values
+  LDL/STL   local-memory loads and stores in the code (a count of instructions, not of executions)
 The installed Triton compiles, so the code is that version's (the GPU machine's Triton may schedule
 differently); the tuned entries are looked up for the target arch in any Triton version, the installed
 one first.
@@ -51,7 +52,7 @@ class Resources(NamedTuple):
     params: dict
     source: str  # where params came from
     regs: int
-    spill: int  # stack frame, bytes per thread
+    stack: int  # stack frame, bytes per thread
     smem: int  # bytes per program
     counts: dict  # COUNTED name -> instructions in the SASS
     asm: dict  # Triton's stages: "ttgir", "ptx", "sass"
@@ -196,8 +197,8 @@ def _tool(path: str, *args: str) -> str:
 
 def table(results: list[Resources]) -> str:
     """The report: one row per kernel."""
-    head = ["kernel", "C", "BK", "BV", "warps", "stages", "regs", "spill", "smem KB", *COUNTED, "config"]
-    rows = [[r.kernel, *(str(r.params[p]) for p in launch.PARAM_NAMES), str(r.regs), str(r.spill),
+    head = ["kernel", "C", "BK", "BV", "warps", "stages", "regs", "stack", "smem KB", *COUNTED, "config"]
+    rows = [[r.kernel, *(str(r.params[p]) for p in launch.PARAM_NAMES), str(r.regs), str(r.stack),
              f"{r.smem / 1024:.1f}", *(str(r.counts[c]) for c in COUNTED), r.source] for r in results]
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *rows])

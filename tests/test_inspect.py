@@ -52,7 +52,7 @@ def test_inspect_compiles_every_kernel_for_sm90_with_its_tuned_config():
         assert entry is not None and row["config"].startswith("tuned (NVIDIA H100 80GB HBM3, Triton 3.6)")
         want = launch.state_pass_params(variant, entry["params"]) if kernel in launch.BORROWED else entry["params"]
         assert {p: int(row[p.replace("num_", "")]) for p in launch.PARAM_NAMES} == want
-        assert 0 < int(row["regs"]) <= 255 and int(row["spill"]) >= 0 and float(row["smem"]) > 0
+        assert 0 < int(row["regs"]) <= 255 and int(row["stack"]) >= 0 and float(row["smem"]) > 0
         assert int(row["HGMMA"]) > 0  # Hopper's wgmma: the 64-token products of every kernel
     assert rows["fwd_state"]["warps"] == "4" and rows["fwd_state"]["config"].endswith("as fwd's")
 
@@ -101,5 +101,5 @@ def test_the_heuristic_compiles_without_spills_where_gpus_have_only_mma_sync():
     assert code == 0, err
     rows = _rows(out)
     assert {k: (row["C"], row["config"]) for k, row in rows.items()} == {k: ("32", "heuristic") for k in rows}
-    assert {k: row["spill"] for k, row in rows.items()} == {k: "0" for k in rows}
+    assert {k: row["stack"] for k, row in rows.items()} == {k: "0" for k in rows}
     assert {k: row["HGMMA"] for k, row in rows.items()} == {k: "0" for k in rows}
