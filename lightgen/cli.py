@@ -298,10 +298,10 @@ def parser() -> argparse.ArgumentParser:
                                        "wgmma and its waits",
                        description="Compile the variant's launch-tuned kernels and state passes for a CUDA arch "
                                    "as a launch would (that arch's tuned configs, else the heuristic) and report, "
-                                   "per kernel: "
-                                   "registers, the stack frame (spills), shared memory, and the SASS's wgmma (HGMMA), waits "
-                                   "for it with none in flight (wait0), mma.sync (HMMA), special functions (MUFU) "
-                                   "and local-memory loads and stores (LDL/STL). Needs Triton, not a GPU (lightgen/resources.py).")
+                                   "per kernel: registers, the stack frame (spills), shared memory, and the SASS's "
+                                   "wgmma (HGMMA), waits for it with none in flight (wait0), tcgen05 (UTCMMA), "
+                                   "mma.sync (HMMA), special functions (MUFU) and local-memory loads and stores "
+                                   "(LDL/STL). Needs Triton, not a GPU (lightgen/resources.py).")
     i.add_argument("spec", help=SPEC_HELP)
     i.add_argument("--arch", default="sm90", help="CUDA arch to compile for (default sm90: H100, H200)")
     i.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")

@@ -28,12 +28,18 @@ class LaunchConfigWarning(UserWarning):
     """No usable tuned config for a launch: lightgen runs with its heuristic default."""
 
 
+def capability(arch: str) -> int | None:
+    """A CUDA arch's compute capability: "sm90" (or "sm_90a") -> 90; None for anything else ("cpu")."""
+    match = re.fullmatch(r"sm_?(\d{2,3})a?", arch)
+    return None if match is None else int(match[1])
+
+
 def mma_sync_only(arch: str) -> bool:
     """Whether a CUDA arch ("sm80") has only mma.sync for its tensor-core products: before Hopper, and sm120
     (consumer Blackwell). Hopper's wgmma (sm90) and Blackwell's tcgen05 (sm100-sm110) read an operand from shared
     memory; with mma.sync every operand and result of a product lives in registers."""
-    match = re.fullmatch(r"sm_?(\d+)a?", arch)
-    return match is not None and not 90 <= int(match[1]) < 120
+    cc = capability(arch)
+    return cc is not None and not 90 <= cc < 120
 
 
 def heuristic(variant, kernel: str, interpreted: bool, arch: str = "sm90") -> dict:

@@ -62,10 +62,10 @@ def target(arch: str):
     """'sm90' -> Triton's GPUTarget for that CUDA compute capability."""
     from triton.backends.compiler import GPUTarget
 
-    match = re.fullmatch(r"sm_?(\d)(\d+)a?", arch)
-    if not match:
+    cc = launch.capability(arch)
+    if cc is None:
         raise ValueError(f"arch={arch!r}: expected a CUDA arch like sm80, sm90 or sm100")
-    return GPUTarget("cuda", int(match[1] + match[2]), 32)
+    return GPUTarget("cuda", cc, 32)
 
 
 def launch_config(variant, kernel: str, arch: str, dtype: torch.dtype, n: int, config: dict | None = None

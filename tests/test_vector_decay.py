@@ -132,12 +132,13 @@ def test_errors_and_the_one_backward_path():
 
 
 def test_tuner_case_has_the_split_kernels_and_dg_parts():
-    """The tuner captures the four kernels the module has (no bwd_dkv), with g [B, N, H, dk] as an input
-    and the dq kernel's part of dL/dG among its outputs."""
+    """The tuner captures the four kernels the module has (no bwd_dkv) and the state passes, with g [B, N, H, dk]
+    as an input and the dq kernel's part of dL/dG among its outputs."""
     from lightgen import tune
 
     case = tune._Case("decay=vector,causal,dk=16,dv=16", "fp32", 40, 2, 2, torch.device(DEVICE))
-    assert sorted(case.launches) == sorted(launch.kernels(case.attn.variant)) == ["bwd_dk", "bwd_dq", "bwd_dv", "fwd"]
+    assert sorted(launch.kernels(case.attn.variant)) == ["bwd_dk", "bwd_dq", "bwd_dv", "fwd"]
+    assert sorted(case.launches) == sorted([*launch.kernels(case.attn.variant), "fwd_state", "bwd_state"])
     default = launch.heuristic(case.attn.variant, "bwd_dq", interpreted=DEVICE == "cpu")
     kernel = case.kernel("bwd_dq", default)
     assert sorted(tuple(t.shape) for t in kernel.outputs) == [(2, 40, 2, 16)] * 2  # dG part, dq
