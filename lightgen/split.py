@@ -88,7 +88,9 @@ def scan(module, own, log_decays, segments, length, start=None, reverse=False, l
     end = own.new_empty(b, *own.shape[1:]) if last else None
     per_dim = (log_decays.shape[-1], own.shape[-1]) if log_decays is not None and log_decays.dim() == 3 else ()  # vector
     block = min(SCAN_BLOCK, 1 << (size - 1).bit_length())  # many programs: each walks P pieces one after another
-    module.scan[(b * h, -(-size // block))](
+    # decay=constant (log decays per head): a head whose reach is at most a group computes each out_p apart
+    outs = segments // every + last if log_decays is not None and log_decays.dim() == 1 else 1
+    module.scan[(b * h, -(-size // block), outs)](
         own, log_decays, start, out, end, segments, h, size, length, every, reach, *per_dim, BLOCK=block,
         UNROLL=SCAN_UNROLL, REVERSE=reverse, HAS_START=start is not None, HAS_LAST=last)
     return (out, end) if last else out

@@ -157,9 +157,12 @@ def test_state_passes_walk_only_each_heads_reach():
 
 def test_splitting_with_short_reaches(monkeypatch):
     """The op end to end with the state passes' windows cutting in (fast decays: reaches of 5 to 18 tokens,
-    and one head without decay; 4 pieces of 24, each as 3 state pieces of 8): output and every gradient
-    against the float64 reference. In fp32 on every device: the test is about which tokens the windows leave
-    out, not rounding (in bf16 on the H100 the errors here are 1.6e-2 to 2.8e-2, the same without the windows)."""
+    and one head without decay; 4 pieces of 24, each as 3 state pieces of 8), from an initial state and to
+    the final one: output, final state and every gradient (the initial state's too) against the float64
+    reference; and chunk_state / state_gradient, whose scans end past the last piece. The heads whose reach
+    is within a piece take the scan's carry-free sums, the head without decay its walk. In fp32 on every
+    device: the test is about which tokens the windows leave out, not rounding (in bf16 on the H100 the
+    errors here are 1.6e-2 to 2.8e-2, the same without the windows)."""
     from lightgen import launch
 
     monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: 4)
@@ -167,16 +170,25 @@ def test_splitting_with_short_reaches(monkeypatch):
     attn = lightgen.compile("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32")
     q, k, v, do, _, theta, _ = random_inputs(attn.variant, 2, 96, 3, torch.float32, DEVICE, seed=7)
     slopes = torch.tensor([1.5, 6.0, 0.0], device=DEVICE)
+    start = torch.randn(2, 3, 32, 32, device=DEVICE)
+    dht = torch.randn_like(start)
 
     def run(fn, work):
-        leaves = [t.to(work).clone().requires_grad_() for t in (q, k, v, theta)]
-        o = fn(*leaves[:3], slopes=slopes.to(work), theta=leaves[3], offset=1)
-        return [o, *torch.autograd.grad(o, leaves, do.to(work))]
+        leaves = [t.to(work).clone().requires_grad_() for t in (q, k, v, theta, start)]
+        o, ht = fn(*leaves[:3], slopes=slopes.to(work), theta=leaves[3], initial_state=leaves[4], offset=1,
+                   output_final_state=True)
+        return [o, ht, *torch.autograd.grad((o, ht), leaves, (do.to(work), dht.to(work)))]
 
     got = run(attn, q.dtype)
     expected = run(functools.partial(reference.quadratic, attn.variant), torch.float64)
-    for name, g, want in zip(("o", "dq", "dk", "dv", "dtheta"), got, expected):
+    for name, g, want in zip(("o", "ht", "dq", "dk", "dv", "dtheta", "dh0"), got, expected):
         assert rel_err(g, want) < TOLERANCE[q.dtype], name
+    zero = torch.zeros_like(start, dtype=torch.float64, requires_grad=True)
+    o, ht = reference.quadratic(attn.variant, q.double(), k.double(), v.double(), slopes.double(), theta.double(),
+                                initial_state=zero, offset=1, output_final_state=True)
+    sent, = torch.autograd.grad(o, zero, do.double())
+    assert rel_err(attn.chunk_state(k, v, slopes, theta, offset=1), ht) < TOLERANCE[q.dtype]
+    assert rel_err(attn.state_gradient(q, do, slopes, theta, offset=1), sent) < TOLERANCE[q.dtype]
 
 
 @pytest.mark.parametrize("segments", [1, 3])
