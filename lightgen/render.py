@@ -159,7 +159,7 @@ def render(variant: Variant, templates: Path | None = None, module: str = "main"
         A transposed chain through a feature map loads its input itself, [tile, C] as its output is stored, where
         it is used (the walk does not load it: see late_chain). Held from the loop's top and transposed there, the
         fp32 input spilled: H100, silu, D = 128, bf16, 4K, ms: bwd_dq 0.612 against 0.728, bwd_dk 0.621 against
-        0.671 (each's best of 5 configs)."""
+        0.671 (each's best of 5 configs); tuned, 0.606 and 0.613 without spills (0.69-0.74 and 0.66-0.71 before)."""
         grads = ", ".join(f"{factor}out_{p}" for p in parts(source))
         if transposed and late_chain:
             return [f"{x}_t = tl.load({x}_ptr + rows[None, :] * H * DK + tile[:, None], mask=mask[None, :], other=0.0)"
