@@ -290,6 +290,14 @@ def test_bench_sweep_reports_the_table_and_every_target(saved_sweep, capsys):
                                 "3.50 at 1K fwd, 4.65 at 1K fwdbwd")
 
 
+def test_bench_sweep_figures_never_read_as_their_limit():
+    """A figure that rounds to the limit it fails (or passes) shows a third decimal."""
+    assert bench_sweep._shown(1.1021, 1.10) == "1.102" and bench_sweep._shown(1.0981, 1.10) == "1.098"
+    assert bench_sweep._shown(1.10, 1.10) == "1.10" and bench_sweep._shown(1.1349, 1.10) == "1.13"
+    line = bench_sweep._verdict("flat", [("64K", 1.1021), ("8K", 1.0)], lambda x: x <= 1.10, 1.10)
+    assert line == "- flat: NOT met: 1.102 at 64K (all: 1.00-1.102)"
+
+
 def test_bench_sweep_runs_only_what_is_missing(saved_sweep, monkeypatch):
     import shutil
     shutil.rmtree(saved_sweep / "none_d64")

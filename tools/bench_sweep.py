@@ -123,15 +123,21 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _verdict(what: str, cells: list[tuple[str, float]], ok) -> str:
+def _shown(x: float, limit: float) -> str:
+    """x to 2 decimals, or 3 where 2 would print the limit itself for a figure on the other side of it (1.102
+    against at most 1.10): a figure never reads as contradicting its verdict."""
+    return f"{x:.3f}" if f"{x:.2f}" == f"{limit:.2f}" and x != limit else f"{x:.2f}"
+
+
+def _verdict(what: str, cells: list[tuple[str, float]], ok, limit: float) -> str:
     """'what: met (figures)' or 'what: NOT met: the failing cells'."""
     if not cells:
         return f"- {what}: no measurement"
     bad = [(where, x) for where, x in cells if not ok(x)]
-    span = f"{min(x for _, x in cells):.2f}-{max(x for _, x in cells):.2f}"
+    span = f"{_shown(min(x for _, x in cells), limit)}-{_shown(max(x for _, x in cells), limit)}"
     if not bad:
         return f"- {what}: met ({span})"
-    return f"- {what}: NOT met: " + ", ".join(f"{x:.2f} at {where}" for where, x in bad) + f" (all: {span})"
+    return f"- {what}: NOT met: " + ", ".join(f"{_shown(x, limit)} at {where}" for where, x in bad) + f" (all: {span})"
 
 
 def targets(results: dict) -> list[str]:
@@ -144,14 +150,14 @@ def targets(results: dict) -> list[str]:
                                          ("fwdbwd_ms", "floor_fwdbwd_ms", FWDBWD_X, "forward+backward")):
             lines.append(_verdict(f"{name}: {label} within {limit}x of the floor (x floor)",
                                   [(_n(row["N"]), ours[row["N"]][key] / row[floor]) for row in rows],
-                                  lambda x, limit=limit: x <= limit))
+                                  lambda x, limit=limit: x <= limit, limit))
         for key, label in (("fwd_ms", "forward"), ("fwdbwd_ms", "forward+backward")):
             per_token = {row["N"]: ours[row["N"]][key] / (row["B"] * row["N"]) for row in rows}
             if per_token:
                 top, low = max(per_token, key=per_token.get), min(per_token, key=per_token.get)
                 ratio = per_token[top] / per_token[low]
                 lines.append(f"- {name}: {label} time per token flat over N, max / min at most {FLAT}: "
-                             f"{'met' if ratio <= FLAT else 'NOT met'}: {ratio:.2f} ({_n(top)} over {_n(low)})")
+                             f"{'met' if ratio <= FLAT else 'NOT met'}: {_shown(ratio, FLAT)} ({_n(top)} over {_n(low)})")
         for peer, label, need in (("fla", f"fla's chunk_simple_gla / lightgen, fwd+bwd, at least {FLA_X}x", FLA_X),
                                   ("lightning_attn", "lightning-attn / lightgen, fwd and fwd+bwd, above 1", 1.0),
                                   ("sdpa", "SDPA / lightgen, fwd and fwd+bwd, above 1", 1.0)):
@@ -163,12 +169,12 @@ def targets(results: dict) -> list[str]:
                 keys = ("fwdbwd_ms",) if peer == "fla" else ("fwd_ms", "fwdbwd_ms")
                 cells += [(f"{_n(row['N'])} {k[:-3]}", theirs[k] / mine[k]) for k in keys]
             lines.append(_verdict(f"{name}: {label}", cells,
-                                  (lambda x: x >= need) if peer == "fla" else (lambda x: x > need)))
+                                  (lambda x: x >= need) if peer == "fla" else (lambda x: x > need), need))
     if FULL in results and PLAIN in results:
         plain, full = _lightgen_times(results[PLAIN]), _lightgen_times(results[FULL])
         cells = [(f"{_n(n)} {k[:-3]}", full[n][k] / plain[n][k]) for n in full if n in plain for k in ("fwd_ms", "fwdbwd_ms")]
         lines.append(_verdict(f"{FULL}: the full TNL's time over the plain TNL's, at most {FULL_X}x", cells,
-                              lambda x: x <= FULL_X))
+                              lambda x: x <= FULL_X, FULL_X))
     return lines
 
 
