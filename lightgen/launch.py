@@ -136,7 +136,8 @@ def kernels(variant) -> tuple:
 def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> str:
     """"fused" or "split" ("split" always under decay=vector): forced by `backward(...)`, else the faster by tuned times when every
     kernel of both paths has a tuned entry, else the heuristic (on a GPU, split under LRPE, or at D = 128 with a
-    feature map, noncausal or without wgmma (mma_sync_only); else fused while one dv tile covers dv)."""
+    feature map, noncausal with a decay or without wgmma (mma_sync_only); else fused while one dv tile covers dv;
+    noncausal without decay fused but under LRPE)."""
     if variant.decay == "vector":
         return "split"  # its only path: bwd_dkv's dual product has no per-feature weight (not rendered)
     forced = _forced["backward"]
@@ -155,13 +156,18 @@ def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> 
     big = variant.dk * variant.dv >= 128 * 128
     if big and device.type == "cuda" and mma_sync_only(configs.current_arch(device)[0]):
         return "split"  # without wgmma the fused sweep spills at every config (sm80, TNL D = 128: 232-616 B a thread)
+    if not variant.causal and variant.decay == "none":
+        # the whole-state walks (kernels.py.j2: one sums the state, one applies it, no intra-chunk products). H100,
+        # bf16, 4K x 16, ms fwd+bwd (session 23): D = 128 fused 2.09 against 2.24 split, phi=silu 2.33 against 2.63,
+        # D = 64 2.08 against 2.26
+        return "fused"
     if variant.phi_expr != "x" and big and device.type == "cuda":
         # a feature map's work beside a whole [128, 128] state in the fused sweep's one program: H100, bf16, 4K, ms,
         # phi=silu 1.99 against 0.93 + 0.54 split, elu+1 1.86 against 0.80 + 0.62 (D = 64 silu: fused 0.82 against 1.03)
         return "split"
     if not variant.causal and big and device.type == "cuda":
-        # H100, bf16, 4K x 16, ms, default configs (session 22): decay=none 5.65 fused against 4.22 split, constant
-        # 5.71 against 4.57 (D = 64: fused 3.82 against 3.93)
+        # H100, bf16, 4K x 16, ms, default configs (session 22): decay=constant 5.71 fused against 4.57 split (and
+        # decay=none 5.65 against 4.22, before its whole-state walks)
         return "split"
     tile = heuristic(variant, "bwd_dkv", interpreted=device.type != "cuda")["BV"]
     return "fused" if tile >= variant.dv else "split"

@@ -272,7 +272,8 @@ def test_backward_paths(spec, path, tile):
 
 def test_the_backward_path_without_tuned_entries():
     """Untuned, a GPU takes the fused sweep where its program holds the state and little else: not under LRPE,
-    nor with a feature map beside a [128, 128] state, nor noncausal at D = 128."""
+    nor with a feature map beside a [128, 128] state, nor noncausal with a decay at D = 128. Noncausal without decay
+    (the whole-state walks: no intra-chunk products) takes it with a feature map too."""
     from lightgen import launch
 
     def path(spec):
@@ -283,7 +284,10 @@ def test_the_backward_path_without_tuned_entries():
     assert path("decay=constant,causal,phi=silu,dk=128,dv=128") == "split"
     assert path("decay=none,causal,phi=elu+1,dk=128,dv=128") == "split"
     assert path("decay=constant,causal,lrpe=d,dk=64,dv=64") == "split"
-    assert path("decay=none,noncausal,dk=128,dv=128") == "split"
+    assert path("decay=constant,noncausal,dk=128,dv=128") == "split"
+    assert path("decay=none,noncausal,dk=128,dv=128") == "fused"
+    assert path("decay=none,noncausal,phi=silu,dk=128,dv=128") == "fused"
+    assert path("decay=none,noncausal,lrpe=d,dk=64,dv=64") == "split"
     assert path("decay=none,noncausal,dk=64,dv=64") == "fused"
     with launch.backward("fused"):
         assert path("decay=constant,causal,phi=silu,dk=128,dv=128") == "fused"
