@@ -5,7 +5,7 @@ Contenders (each skipped with a note when not installed, never faked):
   fla             fla-core chunk_simple_gla(g_gamma=-slopes)        layout [B, N, H, D]
                   (decay=scalar: chunk_simple_gla(g=g), the same math with identity phi)
   lightning_attn  OpenNLPLab lightning_attn_func(q, k, v, slopes)   layout [B, H, N, D]
-  sdpa            torch SDPA causal (FlashAttention-2 backend)      layout [B, H, N, D]
+  sdpa            torch SDPA, causal as the variant (FlashAttention-2)  layout [B, H, N, D]
 Peers compute constant-decay causal attention with identity phi (fla: per-token decay g for
 decay=scalar); for other variants they are a yardstick of the field, not the same math. Floor: bytes moved once (fwd reads q, k, v and writes o;
 bwd reads q, k, v, dO and writes dq, dk, dv) at the measured device copy bandwidth.
@@ -226,7 +226,8 @@ def contenders(attn, slopes, theta, g=None):
         out["lightning_attn"] = (lambda q, k, v: lightning_attn_func(q, k, v, slopes[:, None, None]), True)
     except Exception as err:  # noqa: BLE001
         print(f"note: lightning-attn not available ({type(err).__name__}: {err}); skipped")
-    out["sdpa"] = (lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), True)
+    causal = attn.variant.causal  # softmax attention over the same rows: a non-causal variant's peer attends to all
+    out["sdpa"] = (lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), True)
     return out
 
 

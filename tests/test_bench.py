@@ -1,5 +1,8 @@
 """lightgen.bench's table rows on the CPU (the timings themselves need a GPU)."""
 import pytest
+import torch
+
+import lightgen
 
 from lightgen import bench
 
@@ -26,3 +29,14 @@ def test_kernel_times_are_per_call_and_slowest_first():
     assert list(table) == ["bwd_dkv", "fwd", "scan", long_name[:60]]
     assert table["bwd_dkv"] == {"ms": pytest.approx(0.7), "launches": 1}
     assert table["scan"] == {"ms": pytest.approx(0.012), "launches": 2}
+
+
+def test_the_sdpa_peer_is_causal_as_the_variant():
+    """SDPA attends over the rows the variant does: a non-causal variant is timed against non-causal SDPA."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=gen) for _ in range(3))
+    for spec, causal in (("decay=none,causal,dk=16,dv=16", True), ("decay=none,noncausal,dk=16,dv=16", False)):
+        sdpa, head_first = bench.contenders(lightgen.compile(spec), None, None)["sdpa"]
+        assert head_first
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        assert torch.equal(sdpa(q, k, v), want)
