@@ -91,7 +91,7 @@ class LinearAttention:
         _check_position("offset", offset)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         # packed sequences are never split: they are the short-sequence case
-        split = variant.causal and cu_seqlens is None
+        split = (variant.causal or variant.whole_state) and cu_seqlens is None
         segments = launch.segments(variant, q.shape, q.dtype, q.device) if split else 1
         o, final_state, _, _ = self._forward(q, k, v, log_decay, theta, initial_state, offset,
                                              bool(output_final_state), segments, cu_seqlens, u)
@@ -425,14 +425,26 @@ def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segm
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
     finer = launch.state_split(variant, q.shape, segments, q.device)  # the state pass's pieces per piece
-    module, own, decays, reach = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset,
-                                               segments * finer, skip=finer, every=finer)  # (not the last piece's)
-    received = split.scan(module, own, decays, segments * finer, n // (segments * finer), h0, every=finer, reach=reach)
+    if variant.whole_state:  # every piece applies its sequence's whole state: the sum of the pieces' own
+        _, own, _, _ = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset, segments * finer)
+        received = _whole_state(own, b, segments)
+    else:
+        module, own, decays, reach = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset,
+                                                   segments * finer, skip=finer, every=finer)  # (not the last piece's)
+        received = split.scan(module, own, decays, segments * finer, n // (segments * finer), h0, every=finer,
+                              reach=reach)
     y, ht, o = _forward_pass(variant, pieces(q), pieces(k), pieces(v), piece_decay, theta, received, offset, final,
                              segments, None, pieces(u))
     whole = functools.partial(_whole, b=b, n=n)
     ht = None if ht is None else ht.view(b, segments, *ht.shape[1:])[:, -1].clone()  # its own storage, as promised
     return whole(y), ht, whole(o), received
+
+
+def _whole_state(own, b, segments):
+    """[B * P', H, F, dv] states of each sequence's P' pieces -> their sum, one copy per kernel piece [B * P, H, F, dv]
+    (non-causal without decay: every piece's rows see the whole sequence)."""
+    total = own.view(b, -1, *own.shape[1:]).sum(1, keepdim=True)
+    return total.expand(b, segments, *own.shape[1:]).reshape(b * segments, *own.shape[1:])
 
 
 def _whole(t, b, n):
@@ -513,10 +525,14 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
     finer = launch.state_split(variant, q.shape, segments, q.device)  # as in the forward
-    pieces_module, own, decays, reach = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset,
-                                               segments * finer, skip=finer, every=finer)
-    sent = split.scan(pieces_module, own, decays, segments * finer, n // (segments * finer), dht, reverse=True,
-                      every=finer, reach=reach)
+    if variant.whole_state:  # the gradient of the whole state, from every piece's outputs
+        _, own, _, _ = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset, segments * finer)
+        sent = _whole_state(own, b, segments)
+    else:
+        pieces_module, own, decays, reach = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset,
+                                                          segments * finer, skip=finer, every=finer)
+        sent = split.scan(pieces_module, own, decays, segments * finer, n // (segments * finer), dht, reverse=True,
+                          every=finer, reach=reach)
     after = None
     if variant.learned_decay:  # the state after each piece, for dg (the sequence's last: ht, needed only with dht)
         last = ht[:, None] if dht is not None else torch.zeros_like(by_piece(received)[:, :1])
@@ -538,7 +554,7 @@ def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht,
     sequences = b if cu_seqlens is None else cu_seqlens.numel() - 1
     dth_q = torch.empty(sequences * h, variant.dk, device=q.device, dtype=torch.float32) if lrpe else None
     dth_k = torch.empty_like(dth_q) if lrpe else None
-    dh0 = _state_like(variant, q, cu_seqlens) if h0 is not None else None
+    dh0 = _state_like(variant, q, cu_seqlens) if h0 is not None and variant.causal else None  # (none non-causal)
     # decay=scalar / vector: the dq and dk kernels each write their part of dL/dG [B, N, H] / [B, N, H, dk]
     # (G the cumulative log decay); under vector each dk tile writes its own columns, nothing to sum across tiles
     learned, vector = variant.learned_decay, variant.decay == "vector"

@@ -160,6 +160,12 @@ class Variant:
         return self.dk * (2 if self.lrpe == "d" else 1)
 
     @property
+    def whole_state(self) -> bool:
+        """Whether every row sees the whole sequence through one state (non-causal without decay): its kernels sum
+        that state in one walk and apply it in another, and a long sequence's pieces sum their own states."""
+        return not self.causal and self.decay == "none"
+
+    @property
     def learned_decay(self) -> bool:
         """Whether the decay is an input per token, g, with a gradient (decay=scalar or vector)."""
         return self.decay in ("scalar", "vector")

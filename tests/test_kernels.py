@@ -70,6 +70,25 @@ def test_sequence_splitting(spec, segments, finer, states, monkeypatch):
     assert set(passes) == {"fwd_state", "bwd_state"}
 
 
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("segments,finer", [(2, 1), (3, 2)])
+@pytest.mark.parametrize("spec", ["decay=none,noncausal,lrpe=d,phi=silu,dk=16,dv=32", "decay=none,noncausal,dk=32,dv=16,gate=silu"])
+def test_sequence_splitting_of_the_whole_state(spec, segments, finer, path, monkeypatch):
+    """Non-causal without decay, cut into pieces (forced): each piece applies the sum of every piece's own state
+    (forward: from k and v; backward: its gradient, from q and dO), handed in instead of walked."""
+    from lightgen import launch, ops
+
+    monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
+    monkeypatch.setattr(launch, "state_split", lambda variant, shape, segments, device: finer)
+    passes = []
+    piece_states = ops._piece_states
+    monkeypatch.setattr(ops, "_piece_states", lambda variant, kernel, *a, **kw: passes.append(kernel)
+                        or piece_states(variant, kernel, *a, **kw))
+    with launch.backward(path):
+        check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=False)
+    assert passes == ["fwd_state", "bwd_state"]
+
+
 @pytest.mark.parametrize("every", [1, 3, 10])  # 10: past the scan's unrolled loads (split.SCAN_UNROLL = 8)
 @pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
 def test_scan_is_the_sequential_recurrence(decay, every):
