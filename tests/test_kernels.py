@@ -50,14 +50,9 @@ def test_states(spec, n):
     check_variant(lightgen.Variant.parse(spec), b=2, n=n, h=2, dtype=DTYPES[0], device=DEVICE, states=True, offset=5)
 
 
-@pytest.mark.parametrize("segments,finer,states", [(2, 1, True), (4, 1, True), (3, 1, False), (2, 2, True), (3, 2, False)])
-@pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=none,causal,dk=32,dv=16",
-                                  "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32",
-                                  "decay=vector,causal,lrpe=d,phi=silu,dk=16,dv=32"])
-def test_sequence_splitting(spec, segments, finer, states, monkeypatch):
-    """Long sequences cut into pieces of a larger batch (forced here): same outputs, gradients, states.
-    (Pieces of 48, 32 and 24 tokens: full and partial chunks; the state passes run, on pieces cut finer
-    still when `finer` > 1: 24 and 16 tokens.)"""
+def _forced_pieces(monkeypatch, segments, finer) -> list:
+    """Every sequence cut into `segments` pieces, their state passes' into `finer` per piece; returns the list
+    that the state passes run (their kernel names) are appended to."""
     from lightgen import launch, ops
 
     monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
@@ -66,6 +61,18 @@ def test_sequence_splitting(spec, segments, finer, states, monkeypatch):
     piece_states = ops._piece_states
     monkeypatch.setattr(ops, "_piece_states", lambda variant, kernel, *a, **kw: passes.append(kernel)
                         or piece_states(variant, kernel, *a, **kw))
+    return passes
+
+
+@pytest.mark.parametrize("segments,finer,states", [(2, 1, True), (4, 1, True), (3, 1, False), (2, 2, True), (3, 2, False)])
+@pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=none,causal,dk=32,dv=16",
+                                  "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32",
+                                  "decay=vector,causal,lrpe=d,phi=silu,dk=16,dv=32"])
+def test_sequence_splitting(spec, segments, finer, states, monkeypatch):
+    """Long sequences cut into pieces of a larger batch (forced here): same outputs, gradients, states.
+    (Pieces of 48, 32 and 24 tokens: full and partial chunks; the state passes run, on pieces cut finer
+    still when `finer` > 1: 24 and 16 tokens.)"""
+    passes = _forced_pieces(monkeypatch, segments, finer)
     check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=states, offset=3)
     assert set(passes) == {"fwd_state", "bwd_state"}
 
@@ -76,14 +83,9 @@ def test_sequence_splitting(spec, segments, finer, states, monkeypatch):
 def test_sequence_splitting_of_the_whole_state(spec, segments, finer, path, monkeypatch):
     """Non-causal without decay, cut into pieces (forced): each piece applies the sum of every piece's own state
     (forward: from k and v; backward: its gradient, from q and dO), handed in instead of walked."""
-    from lightgen import launch, ops
+    from lightgen import launch
 
-    monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: segments)
-    monkeypatch.setattr(launch, "state_split", lambda variant, shape, segments, device: finer)
-    passes = []
-    piece_states = ops._piece_states
-    monkeypatch.setattr(ops, "_piece_states", lambda variant, kernel, *a, **kw: passes.append(kernel)
-                        or piece_states(variant, kernel, *a, **kw))
+    passes = _forced_pieces(monkeypatch, segments, finer)
     with launch.backward(path):
         check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=False)
     assert passes == ["fwd_state", "bwd_state"]
