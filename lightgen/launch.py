@@ -156,7 +156,7 @@ def backward_path(variant, dtype: torch.dtype, n: int, device: torch.device) -> 
     big = variant.dk * variant.dv >= 128 * 128
     if big and device.type == "cuda" and mma_sync_only(configs.current_arch(device)[0]):
         return "split"  # without wgmma the fused sweep spills at every config (sm80, TNL D = 128: 232-616 B a thread)
-    if not variant.causal and variant.decay == "none":
+    if variant.whole_state:
         # the whole-state walks (kernels.py.j2: one sums the state, one applies it, no intra-chunk products). H100,
         # bf16, 4K x 16, ms fwd+bwd (session 23): D = 128 fused 2.09 against 2.24 split, phi=silu 2.33 against 2.63,
         # D = 64 2.08 against 2.26

@@ -424,20 +424,30 @@ def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segm
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
-    finer = launch.state_split(variant, q.shape, segments, q.device)  # the state pass's pieces per piece
-    if variant.whole_state:  # every piece applies its sequence's whole state: the sum of the pieces' own
-        _, own, _, _ = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset, segments * finer)
-        received = _whole_state(own, b, segments)
-    else:
-        module, own, decays, reach = _piece_states(variant, "fwd_state", k, v, log_decay, theta, offset,
-                                                   segments * finer, skip=finer, every=finer)  # (not the last piece's)
-        received = split.scan(module, own, decays, segments * finer, n // (segments * finer), h0, every=finer,
-                              reach=reach)
+    received = _handed_states(variant, "fwd_state", k, v, log_decay, theta, offset, segments, h0)
     y, ht, o = _forward_pass(variant, pieces(q), pieces(k), pieces(v), piece_decay, theta, received, offset, final,
                              segments, None, pieces(u))
     whole = functools.partial(_whole, b=b, n=n)
     ht = None if ht is None else ht.view(b, segments, *ht.shape[1:])[:, -1].clone()  # its own storage, as promised
     return whole(y), ht, whole(o), received
+
+
+def _handed_states(variant, kernel, x, y, log_decay, theta, offset, segments, start):
+    """What each of the `segments` pieces per sequence is handed, [B * P, H, F, dv]: fwd_state (x, y = k, v), the
+    state it starts from (start: the initial state, or None); bwd_state (q, dO), the gradient of the state after it
+    (start: the final state's, or None). The state passes run on pieces cut finer still (launch.state_split).
+    Non-causal without decay: the whole state (or its gradient), the sum of every piece's own; else the scan,
+    forward or reverse."""
+    b, n = x.shape[:2]
+    finer = launch.state_split(variant, x.shape, segments, x.device)
+    if variant.whole_state:
+        _, own, _, _ = _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments * finer)
+        return _whole_state(own, b, segments)
+    # the states the scan never uses are left out: each sequence's last pieces' forward, first pieces' backward
+    module, own, decays, reach = _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments * finer,
+                                               skip=finer, every=finer)
+    return split.scan(module, own, decays, segments * finer, n // (segments * finer), start,
+                      reverse=kernel == "bwd_state", every=finer, reach=reach)
 
 
 def _whole_state(own, b, segments):
@@ -524,15 +534,7 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     pieces = functools.partial(split.as_pieces, segments=segments)
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
-    finer = launch.state_split(variant, q.shape, segments, q.device)  # as in the forward
-    if variant.whole_state:  # the gradient of the whole state, from every piece's outputs
-        _, own, _, _ = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset, segments * finer)
-        sent = _whole_state(own, b, segments)
-    else:
-        pieces_module, own, decays, reach = _piece_states(variant, "bwd_state", q, do, log_decay, theta, offset,
-                                                          segments * finer, skip=finer, every=finer)
-        sent = split.scan(pieces_module, own, decays, segments * finer, n // (segments * finer), dht, reverse=True,
-                          every=finer, reach=reach)
+    sent = _handed_states(variant, "bwd_state", q, do, log_decay, theta, offset, segments, dht)
     after = None
     if variant.learned_decay:  # the state after each piece, for dg (the sequence's last: ht, needed only with dht)
         last = ht[:, None] if dht is not None else torch.zeros_like(by_piece(received)[:, :1])
