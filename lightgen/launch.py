@@ -304,12 +304,17 @@ def segments(variant, shape, dtype, device) -> int:
     lighter). decay=scalar, fwd+bwd at (pair, piece)s 256 / 512 / 1024: 3.93 / 3.74 / 3.75 at 16K, 3.95 / 3.74 /
     3.79 at 32K. More dv tiles instead of pieces lose (constant, 16K, fwd and bwd_dv forced to BV = 64,
     fwd / fwd+bwd: 0.750 / 2.933 ms unsplit, against 0.753 / 2.480 as 4 pieces): a program walking the whole
-    sequence is the bound. (Pairs, not programs: the count must not depend on tuned tiles, so that
-    torch.compile can trace it.)"""
+    sequence is the bound. Non-causal without decay reads nothing twice when split (the state pass reads k and v,
+    the pieces only q), so at dv = 64, whose programs run two to an SM, it goes on to two (pair, piece)s per SM
+    (session 24, graph fwd / fwd+bwd by pieces: 16K 1: 0.413 / 1.361, 2: 0.371 / 1.117, 4: 0.381 / 1.158; 64K 4:
+    0.417 / 1.301, 8: 0.373 / 1.130, 16: 0.394 / 1.193); at dv = 128, one (16K 2: 0.379 / 1.161, 4: 0.383 / 1.180;
+    64K 8: 0.387 / 1.188, 16: 0.403 / 1.245). (Pairs, not programs: the count must not depend on tuned tiles, so
+    that torch.compile can trace it.)"""
     if device.type != "cuda":
         return 1
     b, n, h, _ = shape
-    return _most_cuts(n, 1, (4 if variant.learned_decay else 1) * _sm_count(device) // (b * h))
+    per_sm = 4 if variant.learned_decay else 2 if variant.whole_state and variant.dv <= 64 else 1
+    return _most_cuts(n, 1, per_sm * _sm_count(device) // (b * h))
 
 
 def state_split(variant, shape, segments, device) -> int:

@@ -93,8 +93,12 @@ class LinearAttention:
         # packed sequences are never split: they are the short-sequence case
         split = (variant.causal or variant.whole_state) and cu_seqlens is None
         segments = launch.segments(variant, q.shape, q.dtype, q.device) if split else 1
+        # non-causal without decay, unsplit: the forward keeps the whole k-v state for the backward's dq when there
+        # will be one (a state per (sequence, head), where dq would walk k and v again)
+        keep = split and variant.whole_state and segments == 1 and q.shape[1] > 0 and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k, v))
         o, final_state, _, _ = self._forward(q, k, v, log_decay, theta, initial_state, offset,
-                                             bool(output_final_state), segments, cu_seqlens, u)
+                                             bool(output_final_state), segments, cu_seqlens, u, keep)
         return (o, final_state) if output_final_state else o
 
     def step(self, q, k, v, state, slopes=None, theta=None, position=0, g=None, u=None):
@@ -416,11 +420,14 @@ def _state_like(variant, q, cu_seqlens=None):
     return torch.empty(_state_shape(variant, batch, q.shape[2]), device=q.device, dtype=torch.float32)
 
 
-def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segments, cu_seqlens=None, u=None):
+def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segments, cu_seqlens=None, u=None,
+                     keep=False):
     """(output, final state or None, o for the epilogue's backward or None, the states the pieces
-    started from or None). segments > 1: the sequence runs as that many pieces (lightgen.split)."""
+    started from or None). segments > 1: the sequence runs as that many pieces (lightgen.split). keep (non-causal
+    without decay, unsplit): the whole state, as the kernel's final state, takes the pieces' states' place."""
     if segments == 1:
-        return (*_forward_pass(variant, q, k, v, log_decay, theta, h0, offset, final, 1, cu_seqlens, u), None)
+        y, ht, o = _forward_pass(variant, q, k, v, log_decay, theta, h0, offset, final or keep, 1, cu_seqlens, u)
+        return (y, None, o, ht) if keep else (y, ht, o, None)
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
@@ -436,25 +443,18 @@ def _handed_states(variant, kernel, x, y, log_decay, theta, offset, segments, st
     """What each of the `segments` pieces per sequence is handed, [B * P, H, F, dv]: fwd_state (x, y = k, v), the
     state it starts from (start: the initial state, or None); bwd_state (q, dO), the gradient of the state after it
     (start: the final state's, or None). The state passes run on pieces cut finer still (launch.state_split).
-    Non-causal without decay: the whole state (or its gradient), the sum of every piece's own; else the scan,
-    forward or reverse."""
-    b, n = x.shape[:2]
-    finer = launch.state_split(variant, x.shape, segments, x.device)
+    Non-causal without decay: every piece's own state (or gradient), which the kernels sum over the sequence's pieces
+    (the whole state: each piece's rows see them all; a state pass over all P pieces fills the GPU, none is left
+    out); else the scan, forward or reverse."""
     if variant.whole_state:
-        _, own, _, _ = _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments * finer)
-        return _whole_state(own, b, segments)
+        return _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments)[1]
+    n = x.shape[1]
+    finer = launch.state_split(variant, x.shape, segments, x.device)
     # the states the scan never uses are left out: each sequence's last pieces' forward, first pieces' backward
     module, own, decays, reach = _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments * finer,
                                                skip=finer, every=finer)
     return split.scan(module, own, decays, segments * finer, n // (segments * finer), start,
                       reverse=kernel == "bwd_state", every=finer, reach=reach)
-
-
-def _whole_state(own, b, segments):
-    """[B * P', H, F, dv] states of each sequence's P' pieces -> their sum, one copy per kernel piece [B * P, H, F, dv]
-    (non-causal without decay: every piece's rows see the whole sequence)."""
-    total = own.view(b, -1, *own.shape[1:]).sum(1, keepdim=True)
-    return total.expand(b, segments, *own.shape[1:]).reshape(b * segments, *own.shape[1:])
 
 
 def _whole(t, b, n):
@@ -527,9 +527,9 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     the forward (received: the states they started from), see lightgen.split."""
     module = build.load(variant, "varlen" if cu_seqlens is not None else "main")
     do, du = _epilogue_backward(module, variant, o, u, do) if variant.epilogue else (do, None)
-    if segments == 1:
-        return (*_attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, 1,
-                                     cu_seqlens), du)
+    if segments == 1:  # (received: the whole state the forward kept, which dq takes as the pieces' own)
+        return (*_attention_backward(module, variant, q, k, v, do, log_decay, theta, h0 if received is None else received,
+                                     dht, ht, offset, 1, cu_seqlens), du)
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
@@ -722,7 +722,8 @@ def _custom_ops(variant: Variant):
 
     def forward(q: Tensor, k: Tensor, v: Tensor, log_decay: MaybeTensor, theta: MaybeTensor,
                 initial_state: MaybeTensor, offset: int, output_final_state: bool, segments: int,
-                cu_seqlens: MaybeTensor = None, u: MaybeTensor = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                cu_seqlens: MaybeTensor = None, u: MaybeTensor = None, keep: bool = False
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         received = None
         if q.shape[1] == 0:
             y = torch.zeros_like(v)
@@ -730,13 +731,13 @@ def _custom_ops(variant: Variant):
             o = torch.zeros_like(v) if variant.epilogue else None
         elif _use_kernels(q):
             y, ht, o, received = _forward_kernels(variant, q, k, v, log_decay, theta, initial_state, offset,
-                                                  output_final_state, segments, cu_seqlens, u=u)
+                                                  output_final_state, segments, cu_seqlens, u=u, keep=keep)
         else:
             y, ht, o = _reference(variant, q, k, v, log_decay, theta, initial_state, offset, output_final_state,
                                   segments, cu_seqlens, u=u)
         # custom ops return tensors: an empty one stands for "no final state asked for" (and, without an
-        # epilogue, for the attention's own o, which the epilogue's backward takes; unsplit, for the
-        # states the pieces started from)
+        # epilogue, for the attention's own o, which the epilogue's backward takes; unsplit and not kept, for
+        # the states the pieces started from)
         def given(t):  # outputs may not alias each other: a fresh empty tensor for each absent one
             return q.new_empty(0) if t is None else t
 
@@ -756,10 +757,11 @@ def _custom_ops(variant: Variant):
     learned = variant.learned_decay  # the decays with a gradient (log_decay is g / ln 2)
 
     @fwd_op.register_fake
-    def _(q, k, v, log_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens=None, u=None):
+    def _(q, k, v, log_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens=None, u=None,
+          keep=False):
         return (torch.empty_like(v), (_state_like(variant, q, cu_seqlens) if output_final_state else q.new_empty(0)),
                 torch.empty_like(v) if variant.epilogue else q.new_empty(0),
-                _state_like(variant, split.as_pieces(q, segments)) if segments > 1 else q.new_empty(0))
+                _state_like(variant, split.as_pieces(q, segments)) if segments > 1 or keep else q.new_empty(0))
 
     @bwd_op.register_fake
     def _(q, k, v, do, log_decay, theta, initial_state, dht, final_state, offset, segments, cu_seqlens, o, u, received):
@@ -767,11 +769,11 @@ def _custom_ops(variant: Variant):
         return tuple(q.new_empty(0) if t is None else torch.empty_like(t) for t in like)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, log_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens, u = inputs
+        q, k, v, log_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens, u, keep = inputs
         # decay=scalar / vector: the final state itself enters dg (see _log_decay_grad)
         final_state = output[1] if learned and output_final_state else None
         o = output[2] if variant.epilogue else None  # the attention's own output, for the epilogue's backward
-        received = output[3] if segments > 1 else None  # the states the pieces started from
+        received = output[3] if segments > 1 or keep else None  # the states the pieces started from (or kept)
         ctx.save_for_backward(q, k, v, log_decay, theta, initial_state, final_state, cu_seqlens, o, u, received)
         ctx.offset, ctx.final, ctx.segments = offset, output_final_state, segments
         # outputs without a gradient arrive as None, not as zeros to fill: the pieces' states alone are
@@ -797,7 +799,7 @@ def _custom_ops(variant: Variant):
                                         cu_seqlens, u=u)
         dq, dk, dv, dlog_decay, dtheta, dh0, du = grads
         return (dq, dk, dv, dlog_decay if learned else None, dtheta if theta is not None else None,
-                dh0 if h0 is not None else None, None, None, None, None, du if u is not None else None)
+                dh0 if h0 is not None else None, None, None, None, None, du if u is not None else None, None)
 
     fwd_op.register_autograd(autograd_backward, setup_context=setup_context)
 

@@ -78,16 +78,18 @@ def test_sequence_splitting(spec, segments, finer, states, monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
-@pytest.mark.parametrize("segments,finer", [(2, 1), (3, 2)])
+@pytest.mark.parametrize("segments,finer,b", [(2, 1, 1), (3, 2, 2)])  # finer: the state passes take the P pieces
 @pytest.mark.parametrize("spec", ["decay=none,noncausal,lrpe=d,phi=silu,dk=16,dv=32", "decay=none,noncausal,dk=32,dv=16,gate=silu"])
-def test_sequence_splitting_of_the_whole_state(spec, segments, finer, path, monkeypatch):
+def test_sequence_splitting_of_the_whole_state(spec, segments, finer, b, path, monkeypatch):
     """Non-causal without decay, cut into pieces (forced): each piece applies the sum of every piece's own state
-    (forward: from k and v; backward: its gradient, from q and dO), handed in instead of walked."""
+    (forward: from k and v; backward: its gradient, from q and dO), handed in instead of walked. One sequence too:
+    its pieces' states were once handed as a stride-0 view that the kernels read past (an illegal address on the
+    H100 at 64K)."""
     from lightgen import launch
 
     passes = _forced_pieces(monkeypatch, segments, finer)
     with launch.backward(path):
-        check_variant(lightgen.Variant.parse(spec), b=2, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=False)
+        check_variant(lightgen.Variant.parse(spec), b=b, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=False)
     assert passes == ["fwd_state", "bwd_state"]
 
 
@@ -236,7 +238,8 @@ def test_gradient_through_the_final_state_alone(segments, monkeypatch):
 
 
 def test_splitting_rule(monkeypatch):
-    """Split into the most pieces with at most one (pair, piece) per SM (four under a learned decay), none
+    """Split into the most pieces with at most one (pair, piece) per SM (four under a learned decay, two for
+    non-causal without decay at dv = 64), none
     under 1024 tokens; CPU tensors never split. The state passes cut the pieces finer by the same rule."""
     from lightgen import launch
 
@@ -273,6 +276,12 @@ def test_splitting_rule(monkeypatch):
     assert pieces(1, 65536, "decay=vector,causal,dk=128,dv=128") == 32  # learned decays: 4x the SMs -> 512
     assert pieces(4, 16384, "decay=scalar,causal,dk=128,dv=128") == 8
     assert pieces(1, 65536, device=torch.device("cpu")) == 1
+    # non-causal without decay (nothing read twice): two per SM at dv = 64, one at dv = 128
+    narrow = lambda spec, b, n: launch.segments(lightgen.Variant.parse(spec), (b, n, 32, 64), torch.bfloat16, cuda)  # noqa: E731
+    assert narrow("decay=none,noncausal,dk=64,dv=64", 4, 16384) == 2  # 128 pairs -> 256
+    assert narrow("decay=none,noncausal,dk=64,dv=64", 1, 65536) == 8
+    assert narrow("decay=none,causal,dk=64,dv=64", 1, 65536) == 4  # causal: its state passes read k, v again
+    assert pieces(1, 65536, "decay=none,noncausal,dk=128,dv=128") == 8
 
 
 @pytest.mark.parametrize("tile", [16, None])
