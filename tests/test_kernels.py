@@ -417,6 +417,28 @@ def test_torch_compile_fullgraph_and_opcheck():
     torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), log_decay, theta.detach(), h0, 7, True, 1))
 
 
+def test_torch_compile_of_the_kept_whole_state():
+    """Non-causal without decay keeps the forward's whole state for the backward (the op's fourth output, its
+    `keep` argument): traced, it has the fake's shape and the gradients are the eager ones."""
+    attn = lightgen.compile("decay=none,noncausal,phi=silu,dk=16,dv=32")
+
+    def loss(q, k, v):
+        return (attn(q, k, v) * 2).square().mean()
+
+    q, k = (torch.randn(2, 40, 2, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 40, 2, 32, device=DEVICE, requires_grad=True)
+    eager_grads = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    grads = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v), (q, k, v))
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    op = getattr(torch.ops.lightgen, f"attn_{attn.variant.hash}")
+    kept = op(q.detach(), k.detach(), v.detach(), None, None, None, 0, False, 1, None, None, True)[3]
+    assert kept.shape == (2, 2, 16, 32)  # [B, H, dk, dv]: sum over the tokens of f(k)^T v
+    whole = torch.einsum("bnhk,bnhv->bhkv", torch.nn.functional.silu(k.detach()), v.detach())
+    torch.testing.assert_close(kept, whole, rtol=1e-4, atol=1e-5)
+    torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), None, None, None, 0, False, 1, None, None, True))
+
+
 @pytest.mark.parametrize("segments", [1, 3])
 @pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32", "decay=none,causal,dk=32,dv=16",
                                   "decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32",
