@@ -216,6 +216,8 @@ SHIPPED = {
     "decay=constant,causal,lrpe=d,phi=silu,dk=128,dv=128,scale=1": (("bf16",), ("fwd", "bwd_dq", "bwd_dk", "bwd_dv")),
     "decay=scalar,causal,dk=128,dv=128": (("bf16",), None),
     "decay=vector,causal,dk=128,dv=128": (("bf16",), None),
+    "decay=none,noncausal,dk=128,dv=128": (("bf16", "fp16"), None),  # session 24
+    "decay=none,noncausal,dk=64,dv=64": (("bf16", "fp16"), None),
 }
 
 
