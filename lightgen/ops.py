@@ -96,7 +96,7 @@ class LinearAttention:
         # non-causal without decay, unsplit: the forward keeps the whole k-v state for the backward's dq when there
         # will be one (a state per (sequence, head), where dq would walk k and v again)
         keep = split and variant.whole_state and segments == 1 and q.shape[1] > 0 and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k, v))
+            t is not None and t.requires_grad for t in (q, k, v, theta, u))
         o, final_state, _, _ = self._forward(q, k, v, log_decay, theta, initial_state, offset,
                                              bool(output_final_state), segments, cu_seqlens, u, keep)
         return (o, final_state) if output_final_state else o

@@ -73,3 +73,23 @@ def interpreter(tmp_path_factory):
     if done.returncode:
         lines = done.stderr.strip().splitlines() or ["(no output)"]
         pytest.skip(f"Triton's interpreter cannot run a kernel here: {lines[-1]}")
+
+
+@pytest.fixture(autouse=True)
+def dense_kernel_arguments(monkeypatch):
+    """Every test's kernel launches get only contiguous tensors: the kernels address each as dense rows, and a
+    view with other strides (an expand's 0) is read wrongly, or past its storage, with no error (session 24: one
+    sequence's whole state handed as a stride-0 view, an illegal address on the H100 only). Checked here, not on
+    each launch: a few microseconds of host time per launch."""
+    from lightgen import ops
+
+    launch = ops._launch
+
+    def checked(module, variant, kernel, q, tile_name, args, *rest, **kwargs):
+        for i, a in enumerate(args):
+            tensor = a.total if isinstance(a, ops.TileShares) else a
+            if isinstance(tensor, torch.Tensor):
+                assert tensor.is_contiguous(), f"{kernel}: argument {i} {tuple(tensor.shape)} has strides {tensor.stride()}"
+        return launch(module, variant, kernel, q, tile_name, args, *rest, **kwargs)
+
+    monkeypatch.setattr(ops, "_launch", checked)
