@@ -83,13 +83,13 @@ def dense_kernel_arguments(monkeypatch):
     each launch: a few microseconds of host time per launch."""
     from lightgen import ops
 
-    launch = ops._launch
+    unchecked = ops._launch  # (not `launch`: that names lightgen.launch everywhere else)
 
     def checked(module, variant, kernel, q, tile_name, args, *rest, **kwargs):
         for i, a in enumerate(args):
             tensor = a.total if isinstance(a, ops.TileShares) else a
             if isinstance(tensor, torch.Tensor):
                 assert tensor.is_contiguous(), f"{kernel}: argument {i} {tuple(tensor.shape)} has strides {tensor.stride()}"
-        return launch(module, variant, kernel, q, tile_name, args, *rest, **kwargs)
+        return unchecked(module, variant, kernel, q, tile_name, args, *rest, **kwargs)
 
     monkeypatch.setattr(ops, "_launch", checked)
