@@ -237,9 +237,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print the generated kernel source", description="Print the generated source.")
     s.add_argument("spec", help=SPEC_HELP)
     s.add_argument("--path", action="store_true", help="print only the file's path")
-    s.add_argument("--module", choices=("main", "varlen", "pieces"), default="main",
+    s.add_argument("--module", choices=("main", "varlen", "pieces", "varlen_pieces"), default="main",
                    help="main: forward, backward and decode step (default); varlen: the same for packed "
-                        "sequences; pieces: sequence splitting's state passes")
+                        "sequences; pieces: sequence splitting's state passes; varlen_pieces: the same for "
+                        "packed sequences")
     s.set_defaults(fn=cmd_show)
 
     t = sub.add_parser("tune", help="search launch configs on the GPU (Optuna) and record the fastest",

@@ -317,6 +317,20 @@ def segments(variant, shape, dtype, device) -> int:
     return _most_cuts(n, 1, per_sm * _sm_count(device) // (b * h))
 
 
+def piece_length(variant, lengths: list[int], heads: int, device) -> int:
+    """Packed sequences (causal): the length of the pieces that sequences longer than it are cut into (0: none is
+    cut). As segments(): a program walking a long sequence alone is the bound, so the pieces are as long as the
+    tokens per SM (all the sequences' tokens times the heads, over (pair, piece)s per SM times the SMs: the work of
+    one SM), a power of two of at least 1024 tokens; the short sequences fill the SMs the pieces leave. One
+    sequence of 64K, 16 heads: pieces of 8K, as segments() cuts it."""
+    if device.type != "cuda" or not variant.causal or not lengths:
+        return 0
+    per_sm = 4 if variant.learned_decay else 1
+    per_program = -(-sum(lengths) * heads // (per_sm * _sm_count(device)))
+    length = max(1024, 1 << (per_program - 1).bit_length())
+    return length if length < max(lengths) else 0
+
+
 def state_split(variant, shape, segments, device) -> int:
     """How many finer pieces each of the `segments` pieces is cut into for the state passes (1: none). A state
     pass runs on all pieces but one per sequence, P - 1 programs per pair: with few pairs they leave SMs idle

@@ -35,7 +35,8 @@ class LinearAttention:
     LRPE position of the first token (chunked prefill, sequence parallelism).
     attn(..., cu_seqlens=cu): packed sequences, B = 1: q, k, v [1, T, H, D] hold S sequences back to back,
     cu int32 [S + 1] their offsets (0, ..., T; non-decreasing); each is attended on its own, from LRPE
-    position offset, with its own states [S, H, F, dv]; g [1, T, H] (or [1, T, H, dk]). Never split into pieces.
+    position offset, with its own states [S, H, F, dv]; g [1, T, H] (or [1, T, H, dk]). Causal variants cut
+    the long ones into pieces, as long sequences are (launch.piece_length).
     attn.step(q, k, v, state, position=t) -> o: one decode token per sequence, the state updated in place.
 
     Layout [B, N, H, D] (batch, sequence, heads, head dim), like flash-linear-attention:
@@ -80,8 +81,9 @@ class LinearAttention:
         _check_inputs(variant, q, k, v)
         u = _check_gate_input(variant, u, v, "B, N, H")
         batch, heads = q.shape[0], q.shape[2]
+        offsets = None
         if cu_seqlens is not None:
-            batch = _check_cu_seqlens(cu_seqlens, q)  # states are per sequence
+            batch, offsets = _check_cu_seqlens(cu_seqlens, q)  # states are per sequence
         log_decay, theta = self._decay_and_theta(slopes, g, theta, q.shape[:3], "B, N, H", q.device)
         if (initial_state is not None or output_final_state) and not variant.causal:
             raise ValueError("initial_state, output_final_state: states exist only for causal variants")
@@ -90,15 +92,18 @@ class LinearAttention:
             initial_state = initial_state.to(torch.float32).contiguous()
         _check_position("offset", offset)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        # packed sequences are never split: they are the short-sequence case
-        split = (variant.causal or variant.whole_state) and cu_seqlens is None
-        segments = launch.segments(variant, q.shape, q.dtype, q.device) if split else 1
+        splittable = (variant.causal or variant.whole_state) and cu_seqlens is None
+        segments = launch.segments(variant, q.shape, q.dtype, q.device) if splittable else 1
+        # packed sequences (causal): the long ones cut into pieces, which run as packed sequences of their own
+        # (not under torch.compile tracing, which has no offsets on the host)
+        length = launch.piece_length(variant, _lengths(offsets), heads, q.device) if offsets is not None else 0
+        pieces = split.packed_pieces(offsets, length, q.device) if length else None
         # non-causal without decay, unsplit: the forward keeps the whole k-v state for the backward's dq when there
         # will be one (a state per (sequence, head), where dq would walk k and v again)
-        keep = split and variant.whole_state and segments == 1 and q.shape[1] > 0 and torch.is_grad_enabled() and any(
+        keep = splittable and variant.whole_state and segments == 1 and q.shape[1] > 0 and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, theta, u))
         o, final_state, _, _ = self._forward(q, k, v, log_decay, theta, initial_state, offset,
-                                             bool(output_final_state), segments, cu_seqlens, u, keep)
+                                             bool(output_final_state), segments, cu_seqlens, u, keep, pieces)
         return (o, final_state) if output_final_state else o
 
     def step(self, q, k, v, state, slopes=None, theta=None, position=0, g=None, u=None):
@@ -275,10 +280,10 @@ def _check_param(name, t, shape, device):
         raise ValueError(f"{name}: expected device {device} (that of q), got {t.device}")
 
 
-def _check_cu_seqlens(cu_seqlens, q) -> int:
-    """The number of packed sequences S. The values are checked on the host (a device sync, and a copy
-    of S + 1 ints): a wrong offset would make the kernels read and write out of bounds, silently.
-    Under torch.compile tracing they are not (data-dependent checks would break the graph)."""
+def _check_cu_seqlens(cu_seqlens, q) -> tuple[int, list[int] | None]:
+    """The number of packed sequences S, and their offsets. The values are checked on the host (a device sync,
+    and a copy of S + 1 ints): a wrong offset would make the kernels read and write out of bounds, silently.
+    Under torch.compile tracing they are not (data-dependent checks would break the graph): offsets None."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens: expected an int32 torch.Tensor [S + 1], got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -291,6 +296,7 @@ def _check_cu_seqlens(cu_seqlens, q) -> int:
     if q.shape[0] != 1:
         raise ValueError(f"cu_seqlens: the sequences are packed along N, so the batch size must be 1; got q of "
                          f"shape {tuple(q.shape)}")
+    offsets = None
     if not torch.compiler.is_compiling():
         offsets = cu_seqlens.tolist()
         if offsets[0] != 0 or offsets[-1] != q.shape[1]:
@@ -300,7 +306,11 @@ def _check_cu_seqlens(cu_seqlens, q) -> int:
             if end < start:
                 raise ValueError(f"cu_seqlens: expected non-decreasing offsets (sequence lengths >= 0), got "
                                  f"cu_seqlens[{i + 1}] = {end} < cu_seqlens[{i}] = {start}")
-    return cu_seqlens.numel() - 1
+    return cu_seqlens.numel() - 1, offsets
+
+
+def _lengths(offsets: list[int]) -> list[int]:
+    return [end - start for start, end in zip(offsets, offsets[1:])]
 
 
 def _check_position(name, value):
@@ -379,15 +389,17 @@ def record_launches(attn, q, k, v, do, **kwargs) -> dict:
     return calls
 
 
-def _launch(module, variant, kernel, q, tile_name, args, offset, segments, cu_seqlens=None, batch=None, **flags):
+def _launch(module, variant, kernel, q, tile_name, args, offset, segments, cu_seqlens=None, batch=None,
+            seq_start=None, **flags):
     """One kernel over B*H*tiles programs: its output's head dim ("BK": dk, "BV": dv) is tiled.
-    Packed sequences (cu_seqlens): S*H*tiles programs of the varlen module's kernel. batch: programs
+    Packed sequences (cu_seqlens): S*H*tiles programs of the varlen module's kernel; seq_start: where the
+    sequence that each one is a piece of starts (split.Packed; None: each is whole). batch: programs
     for only that many of the B rows (the pieces module's SKIP)."""
     import triton.language as tl
 
     if _recorded is not None:  # record_launches: the first call of each kernel, not launched
         _recorded.setdefault(kernel, ((module, variant, kernel, q, tile_name, args, offset, segments),
-                                      dict(cu_seqlens=cu_seqlens, batch=batch, **flags)))
+                                      dict(cu_seqlens=cu_seqlens, batch=batch, seq_start=seq_start, **flags)))
         return
     b, n, h, _ = q.shape
     if cu_seqlens is None:
@@ -395,7 +407,7 @@ def _launch(module, variant, kernel, q, tile_name, args, offset, segments, cu_se
     else:
         # the same per-chunk code as the plain kernel's: its tuned configs serve, at the mean length
         b = cu_seqlens.numel() - 1
-        length, tail = n // b, (cu_seqlens, n, h, variant.scale, offset)
+        length, tail = n // b, (cu_seqlens, cu_seqlens if seq_start is None else seq_start, n, h, variant.scale, offset)
     params = launch.params(variant, kernel, q.dtype, length, q.device)
     tile = params[tile_name]
     tiles = (variant.dk if tile_name == "BK" else variant.dv) // tile
@@ -421,10 +433,17 @@ def _state_like(variant, q, cu_seqlens=None):
 
 
 def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segments, cu_seqlens=None, u=None,
-                     keep=False):
+                     keep=False, pieces=None):
     """(output, final state or None, o for the epilogue's backward or None, the states the pieces
     started from or None). segments > 1: the sequence runs as that many pieces (lightgen.split). keep (non-causal
-    without decay, unsplit): the whole state, as the kernel's final state, takes the pieces' states' place."""
+    without decay, unsplit): the whole state, as the kernel's final state, takes the pieces' states' place.
+    pieces: the packed sequences' pieces (split.packed_pieces), which run as packed sequences of their own."""
+    if pieces is not None:
+        packed = split.unpack_pieces(pieces, cu_seqlens.numel() - 1)
+        received = _packed_handed_states(variant, "fwd_state", k, v, log_decay, theta, offset, packed, h0)
+        y, ht, o = _forward_pass(variant, q, k, v, log_decay, theta, received, offset, final, 1, packed.cu, u,
+                                 packed.seq_start)
+        return y, None if ht is None else ht.index_select(0, packed.first[1:] - 1), o, received  # their last pieces'
     if segments == 1:
         y, ht, o = _forward_pass(variant, q, k, v, log_decay, theta, h0, offset, final or keep, 1, cu_seqlens, u)
         return (y, None, o, ht) if keep else (y, ht, o, None)
@@ -455,6 +474,18 @@ def _handed_states(variant, kernel, x, y, log_decay, theta, offset, segments, st
                                                skip=finer, every=finer)
     return split.scan(module, own, decays, segments * finer, n // (segments * finer), start,
                       reverse=kernel == "bwd_state", every=finer, reach=reach)
+
+
+def _packed_handed_states(variant, kernel, x, y, log_decay, theta, offset, packed, start):
+    """_handed_states of packed sequences' pieces (split.Packed), [S', H, F, dv]: the varlen pieces module's state
+    pass (each piece's own; not each sequence's last forward, first backward: no piece receives those), then the
+    scan over each sequence's pieces from start ([S, H, F, dv] or None)."""
+    module = build.load(variant, "varlen_pieces")
+    own = _state_like(variant, x, packed.cu)
+    _launch(module, variant, kernel, x, "BV", (x, y, own, log_decay, theta), offset, 1, packed.cu,
+            seq_start=packed.seq_start, HAS_FINAL=True, REACH=split.reach_bits(x.dtype))
+    return split.packed_scan(module, own, split.packed_log_decays(variant, log_decay, packed), packed, start,
+                             reverse=kernel == "bwd_state")
 
 
 def _whole(t, b, n):
@@ -509,7 +540,8 @@ def _reference_state_pass(variant, kernel, x, y, log_decay, theta, offset):
         return torch.autograd.grad(o, start, y)[0].float()
 
 
-def _forward_pass(variant, q, k, v, log_decay, theta, h0, offset, final, segments, cu_seqlens=None, u=None):
+def _forward_pass(variant, q, k, v, log_decay, theta, h0, offset, final, segments, cu_seqlens=None, u=None,
+                  seq_start=None):
     """The forward kernel: (output, final state or None, o or None). With an epilogue the kernel writes
     the attention's o (all the backward needs: rstd comes back from it) and y."""
     module = build.load(variant, "varlen" if cu_seqlens is not None else "main")
@@ -517,16 +549,19 @@ def _forward_pass(variant, q, k, v, log_decay, theta, h0, offset, final, segment
     ht = _state_like(variant, q, cu_seqlens) if final else None
     y = torch.empty_like(v) if variant.epilogue else None
     _launch(module, variant, "fwd", q, "BV", (q, k, v, o, h0, ht, log_decay, theta, *((u, y) if y is not None else ())),
-            offset, segments, cu_seqlens, HAS_INIT=h0 is not None, HAS_FINAL=final)
+            offset, segments, cu_seqlens, seq_start=seq_start, HAS_INIT=h0 is not None, HAS_FINAL=final)
     return (y, ht, o) if y is not None else (o, ht, None)
 
 
 def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, segments, cu_seqlens=None,
-                      o=None, u=None, received=None):
-    """(dq, dk, dv, d log_decay, dtheta, dh0, du), None where there is none. segments > 1: the pieces of
-    the forward (received: the states they started from), see lightgen.split."""
+                      o=None, u=None, received=None, pieces=None):
+    """(dq, dk, dv, d log_decay, dtheta, dh0, du), None where there is none. segments > 1 or pieces: the pieces
+    of the forward (received: the states they started from), see lightgen.split."""
     module = build.load(variant, "varlen" if cu_seqlens is not None else "main")
     do, du = _epilogue_backward(module, variant, o, u, do) if variant.epilogue else (do, None)
+    if pieces is not None:
+        return (*_packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, cu_seqlens,
+                                  received, pieces), du)
     if segments == 1:  # (received: the whole state the forward kept, which dq takes as the pieces' own)
         return (*_attention_backward(module, variant, q, k, v, do, log_decay, theta, h0 if received is None else received,
                                      dht, ht, offset, 1, cu_seqlens), du)
@@ -547,8 +582,25 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     return whole(dq), whole(dk), whole(dv), whole(dlog_decay), dtheta, dh0, du
 
 
+def _packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, cu_seqlens, received,
+                     pieces):
+    """_backward_kernels of packed sequences' pieces (the attention's part): each piece's backward as a packed
+    sequence of its own, from the state it received and the gradient of the state after it (the reverse scan's)."""
+    packed = split.unpack_pieces(pieces, cu_seqlens.numel() - 1)
+    sent = _packed_handed_states(variant, "bwd_state", q, do, log_decay, theta, offset, packed, dht)
+    after = None
+    if variant.learned_decay:  # the state after each piece, for dg: the next one's start; a sequence's last, ht
+        after = received.roll(-1, 0)  # (a last piece's is read only with dht: without, the gradient after it is 0)
+        if dht is not None:
+            after.index_copy_(0, (packed.first[1:] - 1).long(), ht)
+    dq, dk, dv, dlog_decay, dtheta, dh0 = _attention_backward(
+        module, variant, q, k, v, do, log_decay, theta, received, sent, after, offset, 1, packed.cu, packed.seq_start)
+    dh0 = dh0.index_select(0, packed.first[:-1]) if h0 is not None else None  # each sequence's first piece got h0
+    return dq, dk, dv, dlog_decay, dtheta, dh0
+
+
 def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, segments,
-                        cu_seqlens=None):
+                        cu_seqlens=None, seq_start=None):
     """The backward kernels (after the epilogue's): dq, dk, dv, d log_decay, dtheta, dh0."""
     b, n, h, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -567,17 +619,17 @@ def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht,
     gate_q, gate_k = ((dG_q,), (dG_k,)) if vector else ((TileShares(dG_q),), (TileShares(dG_k),)) if learned else ((), ())
     states = dict(HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
     _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, *gate_q, h0, log_decay, theta), offset,
-            segments, cu_seqlens, HAS_INIT=h0 is not None)
+            segments, cu_seqlens, seq_start=seq_start, HAS_INIT=h0 is not None)
     if launch.backward_path(variant, q.dtype, n, q.device) == "fused":
         _launch(module, variant, "bwd_dkv", q, "BV", (q, k, v, do, TileShares(dk), dv,
                                                       dth_k if dth_k is None else TileShares(dth_k), *gate_k,
                                                       dht, dh0, log_decay, theta), offset, segments,
-                cu_seqlens, **states)
+                cu_seqlens, seq_start=seq_start, **states)
     else:
         _launch(module, variant, "bwd_dk", q, "BK", (q, k, v, do, dk, dth_k, *gate_k, dht, log_decay, theta), offset,
-                segments, cu_seqlens, HAS_INIT=dht is not None)
+                segments, cu_seqlens, seq_start=seq_start, HAS_INIT=dht is not None)
         _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log_decay, theta), offset,
-                segments, cu_seqlens, **states)
+                segments, cu_seqlens, seq_start=seq_start, **states)
     dtheta = (dth_q + dth_k).view(sequences, h, variant.dk).sum(0) if lrpe else None
     dlog_decay = _log_decay_grad(variant, dG_q if vector else dG_q + dG_k, dht, ht, cu_seqlens) if learned else None
     return dq, dk, dv, dlog_decay, dtheta, dh0
@@ -722,7 +774,7 @@ def _custom_ops(variant: Variant):
 
     def forward(q: Tensor, k: Tensor, v: Tensor, log_decay: MaybeTensor, theta: MaybeTensor,
                 initial_state: MaybeTensor, offset: int, output_final_state: bool, segments: int,
-                cu_seqlens: MaybeTensor = None, u: MaybeTensor = None, keep: bool = False
+                cu_seqlens: MaybeTensor = None, u: MaybeTensor = None, keep: bool = False, pieces: MaybeTensor = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         received = None
         if q.shape[1] == 0:
@@ -731,7 +783,8 @@ def _custom_ops(variant: Variant):
             o = torch.zeros_like(v) if variant.epilogue else None
         elif _use_kernels(q):
             y, ht, o, received = _forward_kernels(variant, q, k, v, log_decay, theta, initial_state, offset,
-                                                  output_final_state, segments, cu_seqlens, u=u, keep=keep)
+                                                  output_final_state, segments, cu_seqlens, u=u, keep=keep,
+                                                  pieces=pieces)
         else:
             y, ht, o = _reference(variant, q, k, v, log_decay, theta, initial_state, offset, output_final_state,
                                   segments, cu_seqlens, u=u)
@@ -745,10 +798,10 @@ def _custom_ops(variant: Variant):
 
     def backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, log_decay: MaybeTensor, theta: MaybeTensor,
                  initial_state: MaybeTensor, dht: MaybeTensor, final_state: MaybeTensor, offset: int, segments: int,
-                 cu_seqlens: MaybeTensor, o: MaybeTensor, u: MaybeTensor, received: MaybeTensor
+                 cu_seqlens: MaybeTensor, o: MaybeTensor, u: MaybeTensor, received: MaybeTensor, pieces: MaybeTensor
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         grads = _backward_kernels(variant, q, k, v, do.contiguous(), log_decay, theta, initial_state, dht,
-                                  final_state, offset, segments, cu_seqlens, o, u, received)
+                                  final_state, offset, segments, cu_seqlens, o, u, received, pieces)
         # outputs may not alias each other: a fresh empty tensor for each absent gradient
         return tuple(q.new_empty(0) if g is None else g for g in grads)
 
@@ -758,30 +811,35 @@ def _custom_ops(variant: Variant):
 
     @fwd_op.register_fake
     def _(q, k, v, log_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens=None, u=None,
-          keep=False):
+          keep=False, pieces=None):
+        if pieces is not None:  # one state per piece
+            received = _state_like(variant, q, split.unpack_pieces(pieces, cu_seqlens.numel() - 1).cu)
+        else:
+            received = _state_like(variant, split.as_pieces(q, segments)) if segments > 1 or keep else q.new_empty(0)
         return (torch.empty_like(v), (_state_like(variant, q, cu_seqlens) if output_final_state else q.new_empty(0)),
-                torch.empty_like(v) if variant.epilogue else q.new_empty(0),
-                _state_like(variant, split.as_pieces(q, segments)) if segments > 1 or keep else q.new_empty(0))
+                torch.empty_like(v) if variant.epilogue else q.new_empty(0), received)
 
     @bwd_op.register_fake
-    def _(q, k, v, do, log_decay, theta, initial_state, dht, final_state, offset, segments, cu_seqlens, o, u, received):
+    def _(q, k, v, do, log_decay, theta, initial_state, dht, final_state, offset, segments, cu_seqlens, o, u, received,
+          pieces):
         like = (q, k, v, log_decay if learned else None, theta, initial_state, u)
         return tuple(q.new_empty(0) if t is None else torch.empty_like(t) for t in like)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, log_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens, u, keep = inputs
+        q, k, v, log_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens, u, keep, pieces = inputs
         # decay=scalar / vector: the final state itself enters dg (see _log_decay_grad)
         final_state = output[1] if learned and output_final_state else None
         o = output[2] if variant.epilogue else None  # the attention's own output, for the epilogue's backward
-        received = output[3] if segments > 1 or keep else None  # the states the pieces started from (or kept)
-        ctx.save_for_backward(q, k, v, log_decay, theta, initial_state, final_state, cu_seqlens, o, u, received)
+        # the states the pieces started from (or kept)
+        received = output[3] if segments > 1 or keep or pieces is not None else None
+        ctx.save_for_backward(q, k, v, log_decay, theta, initial_state, final_state, cu_seqlens, o, u, received, pieces)
         ctx.offset, ctx.final, ctx.segments = offset, output_final_state, segments
         # outputs without a gradient arrive as None, not as zeros to fill: the pieces' states alone are
         # [B * P, H, F, dv] fp32 (17 MB at 32K x 2, D = 128, 8 pieces), and the backward never reads them
         ctx.set_materialize_grads(False)
 
     def autograd_backward(ctx, do, dht, _do_inner, _received):  # the last two outputs are internal
-        q, k, v, log_decay, theta, h0, ht, cu_seqlens, o, u, received = ctx.saved_tensors
+        q, k, v, log_decay, theta, h0, ht, cu_seqlens, o, u, received, pieces = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], variant.dv, dtype=v.dtype, device=v.device)
         dht = dht.to(torch.float32).contiguous() if (ctx.final and dht is not None) else None
@@ -793,13 +851,13 @@ def _custom_ops(variant: Variant):
         elif _use_kernels(q):
             kernels = backward if getattr(ctx, "eager", False) and _plain_eager(q) else bwd_op  # (see the docstring)
             grads = kernels(q, k, v, do, log_decay, theta, h0, dht, ht if dht is not None else None, ctx.offset,
-                            ctx.segments, cu_seqlens, o, u, received)
+                            ctx.segments, cu_seqlens, o, u, received, pieces)
         else:  # the reference needs autograd, which is off below the op's dispatch: run it here
             grads = _backward_reference(variant, q, k, v, do, log_decay, theta, h0, dht, ctx.offset, ctx.segments,
                                         cu_seqlens, u=u)
         dq, dk, dv, dlog_decay, dtheta, dh0, du = grads
         return (dq, dk, dv, dlog_decay if learned else None, dtheta if theta is not None else None,
-                dh0 if h0 is not None else None, None, None, None, None, du if u is not None else None, None)
+                dh0 if h0 is not None else None, None, None, None, None, du if u is not None else None, None, None)
 
     fwd_op.register_autograd(autograd_backward, setup_context=setup_context)
 

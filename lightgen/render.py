@@ -19,6 +19,7 @@ MODULES = {
     "main": (MAIN_TEMPLATE, False),
     "varlen": (MAIN_TEMPLATE, True),  # packed sequences (cu_seqlens)
     "pieces": ("pieces.py.j2", False),  # sequence splitting's state passes
+    "varlen_pieces": ("pieces.py.j2", True),  # the same for packed sequences cut into pieces
 }
 
 
@@ -95,7 +96,8 @@ def kernel_spec(variant: Variant) -> str:
 
 def render(variant: Variant, templates: Path | None = None, module: str = "main") -> str:
     """The source of one of the variant's kernel modules (MODULES): "main" (forward, backward, decode
-    step), "varlen" (the same for packed sequences) or "pieces" (sequence splitting's state passes)."""
+    step), "varlen" (the same for packed sequences), "pieces" (sequence splitting's state passes) or
+    "varlen_pieces" (the same for packed sequences)."""
     if module not in MODULES:
         raise ValueError(f"module={module!r}: expected one of {', '.join(MODULES)}")
     template, varlen = MODULES[module]

@@ -14,6 +14,10 @@ Under decay=constant the state passes walk only the tokens within each head's re
 their state crosses (the pieces module's _window): a token d steps away weighs lambda_h**d there, and those
 below 2**-reach_bits(dtype) are left out. For the TNL slopes the state passes then read a fraction of k and v.
 
+Packed sequences (cu_seqlens) are cut the same way, into pieces of one length (a sequence's last piece shorter),
+which the varlen kernels run as packed sequences of their own (Packed: where each piece is, and which are whose);
+the scan then walks each sequence's pieces.
+
 Here: the views, and the scans over pieces (a kernel of the pieces module: a walk over the P pieces'
 [F, dv] fp32 states in order, which are small next to q, k, v, and exponentiates the pieces' decays
 itself). Piece p's state E_p is the state after its last token; d_p = the (natural) log decay over piece p.
@@ -21,6 +25,7 @@ itself). Piece p's state E_p is the state after its last token; d_p = the (natur
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -94,3 +99,59 @@ def scan(module, own, log_decays, segments, length, start=None, reverse=False, l
         own, log_decays, start, out, end, segments, h, size, length, every, reach, *per_dim, BLOCK=block,
         UNROLL=SCAN_UNROLL, REVERSE=reverse, HAS_START=start is not None, HAS_LAST=last)
     return (out, end) if last else out
+
+
+class Packed(NamedTuple):
+    """Packed sequences cut into pieces (views of the one int32 tensor that packed_pieces builds): S sequences,
+    S' pieces. The pieces are packed sequences of their own for the varlen kernels."""
+    cu: torch.Tensor  # [S' + 1]: the pieces' offsets, as cu_seqlens
+    seq_start: torch.Tensor  # [S' + 1]: the row where each piece's sequence starts (-1 past the last)
+    first: torch.Tensor  # [S + 1]: sequence s's pieces are first[s] .. first[s + 1] - 1 (at least one: an empty one)
+
+    @property
+    def count(self) -> int:
+        return self.cu.numel() - 1
+
+
+def packed_pieces(offsets: list[int], length: int, device) -> torch.Tensor:
+    """The pieces of `length` tokens that packed sequences (their offsets, as cu_seqlens) are cut into, as one
+    int32 tensor for the op (unpack_pieces reads it): a sequence's last piece is what is left, an empty sequence
+    one empty piece."""
+    cuts, starts, first = [], [], [0]
+    for start, end in zip(offsets, offsets[1:]):
+        here = range(start, end, length) or [start]
+        cuts.extend(here)
+        starts.extend([start] * len(here))
+        first.append(len(cuts))
+    return torch.tensor(cuts + [offsets[-1]] + starts + [-1] + first, dtype=torch.int32).to(device)
+
+
+def unpack_pieces(pieces: torch.Tensor, sequences: int) -> Packed:
+    """packed_pieces' tensor as views (sequences: S)."""
+    count = (pieces.numel() - sequences - 1) // 2 - 1
+    return Packed(pieces[:count + 1], pieces[count + 1:2 * count + 2], pieces[2 * count + 2:])
+
+
+def packed_log_decays(variant, log_decay, packed: Packed) -> torch.Tensor | None:
+    """The log decays as the packed scan takes them: per head [H] under decay=constant (the scan multiplies by each
+    piece's length), None without decay; under learned decays the sums over each piece's tokens, [S', H] ([S', H, dk]
+    under vector), in fp32."""
+    if not variant.learned_decay:
+        return log_decay
+    rows = log_decay[0]  # [T, H(, dk)]
+    piece = torch.searchsorted(packed.cu[1:], torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32), right=True)
+    return rows.new_zeros(packed.count, *rows.shape[1:]).index_add_(0, piece, rows)
+
+
+def packed_scan(module, own, log_decays, packed: Packed, start=None, reverse=False):
+    """The scan of packed pieces (the varlen pieces module's): own [S', H, F, dv] states, start [S, H, F, dv] or
+    None; forward, the state each piece starts from; reverse, the gradient of the state after each piece (as scan)."""
+    h = own.shape[1]
+    size = math.prod(own.shape[2:])
+    out = torch.empty_like(own)
+    per_dim = (log_decays.shape[-1], own.shape[-1]) if log_decays is not None and log_decays.dim() == 3 else ()  # vector
+    block = min(SCAN_BLOCK, 1 << (size - 1).bit_length())
+    module.scan[((packed.first.numel() - 1) * h, -(-size // block))](
+        own, log_decays, start, out, packed.cu, packed.first, h, size, *per_dim, BLOCK=block, REVERSE=reverse,
+        HAS_START=start is not None)
+    return out

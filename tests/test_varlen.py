@@ -44,6 +44,59 @@ def test_backward_paths_and_tiles(spec, path, tile):
         _check(spec, lengths=[17, 0, 40, 0])  # empty sequences in the middle and last too
 
 
+@pytest.mark.parametrize("length", [16, 40])
+@pytest.mark.parametrize("spec", [spec for spec in CASES if "noncausal" not in spec])
+def test_long_sequences_cut_into_pieces(spec, length, monkeypatch):
+    """Causal packed sequences longer than launch.piece_length (forced here) run as pieces, packed sequences of their
+    own, from the states the scan hands them: the same outputs, gradients and states. Pieces of 16: a sequence of 45
+    as 16 + 16 + 13, of 17 as 16 + 1; of 40: 45 as 40 + 5, 17 whole. Both ends empty; LRPE positions go on across the
+    pieces from the offset."""
+    from lightgen import ops
+
+    monkeypatch.setattr(launch, "piece_length", lambda variant, lengths, heads, device: length)
+    passes = []
+    handed = ops._packed_handed_states
+    monkeypatch.setattr(ops, "_packed_handed_states", lambda variant, kernel, *a: passes.append(kernel)
+                        or handed(variant, kernel, *a))
+    _check(spec, lengths=[0, *LENGTHS[1:], 0])
+    assert passes == ["fwd_state", "bwd_state"]
+
+
+def test_piece_length_rule(monkeypatch):
+    """Pieces as long as one SM's share of the tokens (all of them times the heads, over the SMs; four (pair, piece)s
+    per SM under a learned decay), a power of two of at least 1024 tokens; only longer sequences are cut. Never on the
+    CPU, nor non-causal."""
+    monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+
+    def length(lengths, spec="decay=constant,causal,dk=128,dv=128", heads=16, device=cuda):
+        return launch.piece_length(lightgen.Variant.parse(spec), lengths, heads, device)
+
+    assert length([65536]) == 8192  # as launch.segments cuts one sequence of 64K: 8 pieces x 16 heads
+    assert length([60000, 1000, 1000, 3536]) == 8192  # the short ones fill what the long one's pieces leave
+    assert length([32768, 32768]) == 8192
+    assert length([8192] * 8) == 0  # as long as the pieces would be: nothing to cut
+    assert length([1024] * 64) == 0
+    assert length([3000, 100]) == 1024  # none shorter
+    assert length([65536], "decay=scalar,causal,dk=128,dv=128") == 2048  # 4 per SM
+    assert length([65536], heads=2) == 1024
+    assert length([65536], device=torch.device("cpu")) == 0
+    assert length([65536], "decay=none,noncausal,dk=128,dv=128") == 0
+    assert length([]) == 0
+
+
+def test_pieces_layout():
+    """split.packed_pieces: each sequence cut at multiples of the length from its start, an empty one as one empty
+    piece; where each piece's sequence starts (-1 past the last); each sequence's first piece."""
+    from lightgen import split
+
+    packed = split.unpack_pieces(split.packed_pieces([0, 0, 5, 25, 26], 8, "cpu"), 4)
+    assert packed.cu.tolist() == [0, 0, 5, 13, 21, 25, 26]
+    assert packed.seq_start.tolist() == [0, 0, 5, 5, 5, 25, -1]
+    assert packed.first.tolist() == [0, 1, 2, 5, 6]
+    assert packed.count == 6
+
+
 @pytest.mark.parametrize("spec", ["decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32",
                                   "decay=vector,causal,lrpe=d,phi=silu,dk=16,dv=32",
                                   "decay=constant,noncausal,lrpe=d,phi=silu,dk=16,dv=16"])
@@ -83,13 +136,18 @@ def test_each_sequence_as_its_own_call(spec):
 
 
 def test_op_registration():
-    """cu_seqlens is an optional tensor argument of the custom op: schema, fake tensors, autograd."""
+    """cu_seqlens is an optional tensor argument of the custom op: schema, fake tensors, autograd; and so are the
+    pieces they are cut into (the op returns the states the pieces started from)."""
+    from lightgen import split
+
     attn = lightgen.compile("decay=scalar,causal,dk=16,dv=16")
     q, k, v, _, _, _, g = random_inputs(attn.variant, 1, 40, 2, torch.float32, DEVICE)
     op = getattr(torch.ops.lightgen, f"attn_{attn.variant.hash}")
     cu = torch.tensor([0, 7, 40], dtype=torch.int32, device=DEVICE)
     h0 = torch.randn(2, 2, 16, 16, device=DEVICE)
     torch.library.opcheck(op, (q, k, v, g.clone().requires_grad_(), None, h0, 0, True, 1, cu))
+    pieces = split.packed_pieces([0, 7, 40], 16, DEVICE)
+    torch.library.opcheck(op, (q, k, v, g.clone().requires_grad_(), None, h0, 0, True, 1, cu, None, False, pieces))
 
 
 def test_bad_cu_seqlens_name_the_argument():
