@@ -110,7 +110,7 @@ def copy_bandwidth(device="cuda") -> float:
 REPEATS = 3  # timings per measurement; the fastest median counts
 
 
-def _time(fn, grad_of=None, do=None):
+def eager_time(fn, grad_of=None, do=None):
     """Eager ms of fn (or of fn's backward too, with grad_of): the least of REPEATS medians. At these sizes a
     call's host work (a few hundred microseconds per launch sequence, from Python through the Triton
     launcher) is near its GPU time, so a host hiccup can leave the GPU idle inside a timed call; such noise
@@ -289,8 +289,8 @@ def run(spec, tokens=65536, hidden=2048, seqlens=(1024, 2048, 4096, 8192, 16384,
             row[name] = {}
             leaves = [q, k, v] + ([log_decays] if log_decays is not None else [])
             try:  # a peer failing at one shape is a result, not a crash; its forward may still count
-                row[name]["fwd_ms"] = _time(lambda: fn(q, k, v))
-                row[name]["fwdbwd_ms"] = _time(lambda: fn(q, k, v), do=tr(do), grad_of=leaves)
+                row[name]["fwd_ms"] = eager_time(lambda: fn(q, k, v))
+                row[name]["fwdbwd_ms"] = eager_time(lambda: fn(q, k, v), do=tr(do), grad_of=leaves)
             except Exception as err:  # noqa: BLE001
                 row[name]["error"] = f"{type(err).__name__}: {str(err)[:200]}"
             if name in NOT_CAPTURED or capture_failed:
@@ -385,7 +385,7 @@ def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only
         if only and name not in only:
             continue
         try:
-            eager = _time(fn)
+            eager = eager_time(fn)
             ms = _graph_time(fn)
             result[name] = {"ms": ms, "x_floor": ms / result["floor_ms"], "eager_ms": eager}
         except Exception as err:  # noqa: BLE001 - a peer failing is a result, not a crash
@@ -411,7 +411,7 @@ def decode(spec, batch=64, hidden=2048, dtype=torch.bfloat16, out_dir=None, only
             for warps in (1, 2, 4, 8):
                 try:
                     with launch.override({"BV": bv, "num_warps": warps}):
-                        ms = _time(ours)
+                        ms = eager_time(ours)
                 except Exception as err:  # noqa: BLE001 - a config that does not compile is a result
                     ms = float("inf")
                     print(f"    BV={bv} num_warps={warps}: {type(err).__name__}: {str(err)[:120]}")

@@ -1,0 +1,129 @@
+"""Packed sequences (cu_seqlens) on the GPU: lightgen with its long sequences cut into pieces, the same without
+(every sequence one program per head, as before session 25), fla-core's `chunk_simple_gla` with the same
+cu_seqlens, and the HBM floor, in one process.
+
+    PYTHONPATH=$PWD python -m tools.bench_varlen --json varlen.json
+
+Each packing holds --tokens tokens (H * D = --hidden, bf16): one sequence; one long and several short; a
+long-tailed mix (seeded); equal sequences as short as the pieces (nothing to cut). Times are eager ms (the least
+of three do_bench medians; lightgen's call reads the offsets on the host, fla is handed them on the host too,
+cu_seqlens_cpu) for the forward and the forward + backward, and each against the floor (q, k, v, o read or
+written once forward; q, k, v, dO, dq, dk, dv backward, at the copy rate of the same run). lightgen's pieces are
+checked against its unsplit run and fla's output (relative Frobenius difference of o and the gradients).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+import lightgen
+from lightgen import bench, launch
+from lightgen.spec import tnl_slopes
+from lightgen.verify import rel_err
+
+
+def packings(tokens: int, seed: int = 0) -> dict[str, list[int]]:
+    """name -> sequence lengths summing to `tokens`."""
+    rng = random.Random(seed)
+    mix, left = [], tokens
+    while left:  # long-tailed: most sequences short, a few long (a pretraining pack of documents)
+        n = min(left, max(1, int(rng.lognormvariate(7.0, 1.6))))
+        mix.append(n)
+        left -= n
+    long = tokens * 7 // 8
+    return {"one": [tokens], "long+short": [long] + [1024] * ((tokens - long) // 1024),
+            "mix": mix, "equal 8K": [8192] * (tokens // 8192)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--spec", default="decay=constant,causal,dk=128,dv=128", help="a causal variant")
+    p.add_argument("--tokens", type=int, default=65536)
+    p.add_argument("--hidden", type=int, default=2048, help="H * D")
+    p.add_argument("--json", help="write the rows here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    attn = lightgen.compile(args.spec)
+    variant = attn.variant
+    if not variant.causal or variant.learned_decay or variant.lrpe != "none":
+        raise SystemExit(f"--spec {args.spec}: expected a causal variant with decay none or constant and no LRPE "
+                         f"(the math fla's chunk_simple_gla computes)")
+    heads = args.hidden // variant.dk
+    copy_rate = bench.copy_bandwidth()
+    ours_decay, fla_decay = {}, {}
+    if variant.decay == "constant":
+        slopes = torch.tensor(tnl_slopes(heads), device="cuda")
+        ours_decay, fla_decay = {"slopes": slopes}, {"g_gamma": -slopes}
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, args.tokens, heads)
+    q, k = (torch.randn(*shape, variant.dk, device="cuda", generator=gen, dtype=torch.bfloat16) * variant.dk ** -0.25
+            for _ in range(2))
+    v, do = (torch.randn(*shape, variant.dv, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    unit = args.tokens * args.hidden * 2 / copy_rate * 1e3  # ms of one [T, H * D] bf16 pass at the copy rate
+    floor = {"fwd": 4 * unit, "fwdbwd": 11 * unit}
+    rows = []
+    for name, lengths in packings(args.tokens).items():
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        cu = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+        cu_long, cu_cpu = cu.long(), torch.tensor(offsets)
+        length = launch.piece_length(variant, lengths, heads, q.device)
+        calls = {
+            "lightgen": lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay),
+            "lightgen unsplit": lambda: _unsplit(lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay)),
+            "fla": lambda: chunk_simple_gla(q, k, v, scale=variant.scale, cu_seqlens=cu_long, cu_seqlens_cpu=cu_cpu,
+                                            **fla_decay)[0],
+        }
+        row = {"packing": name, "sequences": len(lengths), "longest": max(lengths), "piece_length": length}
+        for who, fn in calls.items():
+            row[who] = {"fwd_ms": bench.eager_time(fn), "fwdbwd_ms": bench.eager_time(fn, grad_of=leaves, do=do)}
+        row["agreement"] = {other: _agreement(calls["lightgen"], calls[other], leaves, do)
+                            for other in ("lightgen unsplit", "fla")}
+        rows.append(row)
+        _print(row, floor)
+    result = {"spec": variant.canonical(), "gpu": torch.cuda.get_device_name(), "tokens": args.tokens,
+              "hidden": args.hidden, "copy_rate": copy_rate, "floor_ms": floor, "rows": rows}
+    if args.json:
+        bench.write_json(result, args.json)
+
+
+def _unsplit(call):
+    """call with no packed sequence cut into pieces."""
+    saved = launch.piece_length
+    launch.piece_length = lambda *a: 0
+    try:
+        return call()
+    finally:
+        launch.piece_length = saved
+
+
+def _agreement(ours, theirs, leaves, do) -> float:
+    """The largest relative difference of theirs' o, dq, dk, dv against ours'."""
+    out = []
+    for fn in (ours, theirs):
+        o = fn()
+        out.append([o.detach(), *torch.autograd.grad(o, leaves, do)])
+    return max(rel_err(a, e) for a, e in zip(out[1], out[0]))
+
+
+def _print(row, floor) -> None:
+    print(f"{row['packing']}: {row['sequences']} sequences, longest {row['longest']}, pieces of "
+          f"{row['piece_length'] or '- (none cut)'}")
+    for who in ("lightgen", "lightgen unsplit", "fla"):
+        t = row[who]
+        print(f"  {who:17s} fwd {t['fwd_ms']:.3f} ms ({t['fwd_ms'] / floor['fwd']:.2f}x floor)  fwd+bwd "
+              f"{t['fwdbwd_ms']:.3f} ms ({t['fwdbwd_ms'] / floor['fwdbwd']:.2f}x)")
+    print("  agreement with lightgen (o and gradients): " + ", ".join(f"{k} {v:.1e}" for k, v in row["agreement"].items()))
+
+
+if __name__ == "__main__":
+    main()
