@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -96,8 +97,8 @@ class LinearAttention:
         segments = launch.segments(variant, q.shape, q.dtype, q.device) if splittable else 1
         # packed sequences (causal): the long ones cut into pieces, which run as packed sequences of their own
         # (not under torch.compile tracing, which has no offsets on the host)
-        length = launch.piece_length(variant, _lengths(offsets), heads, q.device) if offsets is not None else 0
-        pieces = split.packed_pieces(offsets, length, q.device) if length else None
+        length = launch.piece_length(variant, offsets.lengths, heads, q.device) if offsets is not None else 0
+        pieces = offsets.pieces(length) if length else None
         # non-causal without decay, unsplit: the forward keeps the whole k-v state for the backward's dq when there
         # will be one (a state per (sequence, head), where dq would walk k and v again)
         keep = splittable and variant.whole_state and segments == 1 and q.shape[1] > 0 and torch.is_grad_enabled() and any(
@@ -280,9 +281,9 @@ def _check_param(name, t, shape, device):
         raise ValueError(f"{name}: expected device {device} (that of q), got {t.device}")
 
 
-def _check_cu_seqlens(cu_seqlens, q) -> tuple[int, list[int] | None]:
-    """The number of packed sequences S, and their offsets. The values are checked on the host (a device sync,
-    and a copy of S + 1 ints): a wrong offset would make the kernels read and write out of bounds, silently.
+def _check_cu_seqlens(cu_seqlens, q) -> tuple[int, HostOffsets | None]:
+    """The number of packed sequences S, and their offsets on the host. The values are checked there (read once
+    per tensor, HostOffsets): a wrong offset would make the kernels read and write out of bounds, silently.
     Under torch.compile tracing they are not (data-dependent checks would break the graph): offsets None."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens: expected an int32 torch.Tensor [S + 1], got {type(cu_seqlens).__name__}")
@@ -296,21 +297,52 @@ def _check_cu_seqlens(cu_seqlens, q) -> tuple[int, list[int] | None]:
     if q.shape[0] != 1:
         raise ValueError(f"cu_seqlens: the sequences are packed along N, so the batch size must be 1; got q of "
                          f"shape {tuple(q.shape)}")
-    offsets = None
-    if not torch.compiler.is_compiling():
-        offsets = cu_seqlens.tolist()
-        if offsets[0] != 0 or offsets[-1] != q.shape[1]:
-            raise ValueError(f"cu_seqlens: expected offsets from 0 to N = {q.shape[1]} (q's tokens), got "
-                             f"{offsets[0]} .. {offsets[-1]}")
-        for i, (start, end) in enumerate(zip(offsets, offsets[1:])):
-            if end < start:
-                raise ValueError(f"cu_seqlens: expected non-decreasing offsets (sequence lengths >= 0), got "
-                                 f"cu_seqlens[{i + 1}] = {end} < cu_seqlens[{i}] = {start}")
+    if torch.compiler.is_compiling():
+        return cu_seqlens.numel() - 1, None
+    offsets = HostOffsets.of(cu_seqlens)
+    if offsets.values[0] != 0 or offsets.values[-1] != q.shape[1]:
+        raise ValueError(f"cu_seqlens: expected offsets from 0 to N = {q.shape[1]} (q's tokens), got "
+                         f"{offsets.values[0]} .. {offsets.values[-1]}")
     return cu_seqlens.numel() - 1, offsets
 
 
-def _lengths(offsets: list[int]) -> list[int]:
-    return [end - start for start, end in zip(offsets, offsets[1:])]
+class HostOffsets:
+    """A cu_seqlens tensor's offsets on the host, read once while the tensor lives and is not written in place
+    (torch's version counter): each read is a device sync, and a training step hands the same tensor to every
+    layer. Also keeps what is cut from them (split.packed_pieces, by piece length), so that is built once too.
+    (A write that torch does not count, such as a kernel's through the raw pointer, is not seen.)"""
+
+    _read: dict[int, HostOffsets] = {}  # id(tensor) -> its offsets, while it lives
+
+    def __init__(self, tensor: torch.Tensor):
+        key = id(tensor)
+
+        def forget(ref):  # the tensor is gone (and its id free for another): its entry goes too
+            if key in HostOffsets._read and HostOffsets._read[key].tensor is ref:
+                del HostOffsets._read[key]
+        self.tensor = weakref.ref(tensor, forget)
+        self.version = tensor._version
+        self.values = tensor.tolist()
+        for i, (start, end) in enumerate(zip(self.values, self.values[1:])):
+            if end < start:
+                raise ValueError(f"cu_seqlens: expected non-decreasing offsets (sequence lengths >= 0), got "
+                                 f"cu_seqlens[{i + 1}] = {end} < cu_seqlens[{i}] = {start}")
+        self.lengths = [end - start for start, end in zip(self.values, self.values[1:])]
+        self._pieces: dict[int, torch.Tensor] = {}
+        self._device = tensor.device
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> HostOffsets:
+        read = cls._read.get(id(tensor))
+        if read is None or read.tensor() is not tensor or read.version != tensor._version:
+            read = cls._read[id(tensor)] = cls(tensor)
+        return read
+
+    def pieces(self, length: int) -> torch.Tensor:
+        """split.packed_pieces of these offsets (on the tensor's device)."""
+        if length not in self._pieces:
+            self._pieces[length] = split.packed_pieces(self.values, length, self._device)
+        return self._pieces[length]
 
 
 def _check_position(name, value):

@@ -62,6 +62,34 @@ def test_long_sequences_cut_into_pieces(spec, length, monkeypatch):
     assert passes == ["fwd_state", "bwd_state"]
 
 
+def test_offsets_read_once_per_tensor():
+    """The offsets are read on the host (a device sync) once per cu_seqlens tensor: again only after an in-place
+    write, which the next call follows; the entry goes with the tensor."""
+    import gc
+
+    from lightgen.ops import HostOffsets
+
+    attn = lightgen.compile("decay=constant,causal,dk=16,dv=16")
+    q, k, v = random_inputs(attn.variant, 1, 40, 2, torch.float32, DEVICE)[:3]
+    cu = torch.tensor([0, 7, 40], dtype=torch.int32, device=DEVICE)
+    read = HostOffsets.of(cu)
+    assert HostOffsets.of(cu) is read and read.lengths == [7, 33]
+    attn(q, k, v, cu_seqlens=cu)
+    assert HostOffsets.of(cu) is read
+    cu[1] = 30  # a write in place: read again, and the call attends to the new sequences
+    assert HostOffsets.of(cu).lengths == [30, 10]
+    o = attn(q, k, v, cu_seqlens=cu)
+    alone = [attn(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in ((0, 30), (30, 40))]
+    torch.testing.assert_close(o, torch.cat(alone, 1), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="^cu_seqlens: expected non-decreasing"):
+        cu[1] = 41
+        attn(q, k, v, cu_seqlens=cu)
+    key = id(cu)
+    del cu
+    gc.collect()
+    assert key not in HostOffsets._read
+
+
 def test_piece_length_rule(monkeypatch):
     """Pieces as long as one SM's share of the tokens (all of them times the heads, over the SMs; four (pair, piece)s
     per SM under a learned decay), a power of two of at least 1024 tokens; only longer sequences are cut. Never on the
