@@ -95,10 +95,11 @@ class LinearAttention:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         splittable = (variant.causal or variant.whole_state) and cu_seqlens is None
         segments = launch.segments(variant, q.shape, q.dtype, q.device) if splittable else 1
-        # packed sequences (causal): the long ones cut into pieces, which run as packed sequences of their own
-        # (not under torch.compile tracing, which has no offsets on the host)
+        # packed sequences as the kernels run them (split.Packed): the longest first, and (causal) the long ones cut
+        # into pieces that run as packed sequences of their own (not under torch.compile tracing, which has no
+        # offsets on the host: each whole, in packed order)
         length = launch.piece_length(variant, offsets.lengths, heads, q.device) if offsets is not None else 0
-        pieces = offsets.pieces(length) if length else None
+        pieces = offsets.pieces(length) if offsets is not None else None
         # non-causal without decay, unsplit: the forward keeps the whole k-v state for the backward's dq when there
         # will be one (a state per (sequence, head), where dq would walk k and v again)
         keep = splittable and variant.whole_state and segments == 1 and q.shape[1] > 0 and torch.is_grad_enabled() and any(
@@ -309,7 +310,7 @@ def _check_cu_seqlens(cu_seqlens, q) -> tuple[int, HostOffsets | None]:
 class HostOffsets:
     """A cu_seqlens tensor's offsets on the host, read once while the tensor lives and is not written in place
     (torch's version counter): each read is a device sync, and a training step hands the same tensor to every
-    layer. Also keeps what is cut from them (split.packed_pieces, by piece length), so that is built once too.
+    layer. Also keeps the pieces cut from them (split.packed_pieces, by piece length), so they are built once too.
     (A write that torch does not count, such as a kernel's through the raw pointer, is not seen.)"""
 
     _read: dict[int, HostOffsets] = {}  # id(tensor) -> its offsets, while it lives
@@ -422,24 +423,27 @@ def record_launches(attn, q, k, v, do, **kwargs) -> dict:
 
 
 def _launch(module, variant, kernel, q, tile_name, args, offset, segments, cu_seqlens=None, batch=None,
-            seq_start=None, **flags):
+            packed=None, **flags):
     """One kernel over B*H*tiles programs: its output's head dim ("BK": dk, "BV": dv) is tiled.
-    Packed sequences (cu_seqlens): S*H*tiles programs of the varlen module's kernel; seq_start: where the
-    sequence that each one is a piece of starts (split.Packed; None: each is whole). batch: programs
-    for only that many of the B rows (the pieces module's SKIP)."""
+    Packed sequences (cu_seqlens): S*H*tiles programs of the varlen module's kernel, over the sequences of
+    `packed` (split.Packed: pieces, the longest first) where it is given, else of cu_seqlens in packed order.
+    batch: programs for only that many of the B rows (the pieces module's SKIP)."""
     import triton.language as tl
 
     if _recorded is not None:  # record_launches: the first call of each kernel, not launched
         _recorded.setdefault(kernel, ((module, variant, kernel, q, tile_name, args, offset, segments),
-                                      dict(cu_seqlens=cu_seqlens, batch=batch, seq_start=seq_start, **flags)))
+                                      dict(cu_seqlens=cu_seqlens, batch=batch, packed=packed, **flags)))
         return
     b, n, h, _ = q.shape
     if cu_seqlens is None:
         length, tail = n, (n, h, variant.scale, offset, segments)
     else:
         # the same per-chunk code as the plain kernel's: its tuned configs serve, at the mean length
-        b = cu_seqlens.numel() - 1
-        length, tail = n // b, (cu_seqlens, cu_seqlens if seq_start is None else seq_start, n, h, variant.scale, offset)
+        if packed is None:  # (each sequence whole, where it starts, in packed order)
+            order = torch.arange(cu_seqlens.numel() - 1, dtype=torch.int32, device=q.device)
+            packed = split.Packed(cu_seqlens, cu_seqlens, None, order)
+        b = packed.count
+        length, tail = n // b, (packed.cu, packed.seq_start, packed.order, n, h, variant.scale, offset)
     params = launch.params(variant, kernel, q.dtype, length, q.device)
     tile = params[tile_name]
     tiles = (variant.dk if tile_name == "BK" else variant.dv) // tile
@@ -469,15 +473,15 @@ def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segm
     """(output, final state or None, o for the epilogue's backward or None, the states the pieces
     started from or None). segments > 1: the sequence runs as that many pieces (lightgen.split). keep (non-causal
     without decay, unsplit): the whole state, as the kernel's final state, takes the pieces' states' place.
-    pieces: the packed sequences' pieces (split.packed_pieces), which run as packed sequences of their own."""
-    if pieces is not None:
-        packed = split.unpack_pieces(pieces, cu_seqlens.numel() - 1)
+    pieces: packed sequences as the kernels run them (split.packed_pieces), the long ones maybe cut into pieces."""
+    packed = _unpacked(pieces, cu_seqlens)
+    if packed is not None and packed.cut:
         received = _packed_handed_states(variant, "fwd_state", k, v, log_decay, theta, offset, packed, h0)
-        y, ht, o = _forward_pass(variant, q, k, v, log_decay, theta, received, offset, final, 1, packed.cu, u,
-                                 packed.seq_start)
+        y, ht, o = _forward_pass(variant, q, k, v, log_decay, theta, received, offset, final, 1, packed.cu, u, packed)
         return y, None if ht is None else ht.index_select(0, packed.first[1:] - 1), o, received  # their last pieces'
     if segments == 1:
-        y, ht, o = _forward_pass(variant, q, k, v, log_decay, theta, h0, offset, final or keep, 1, cu_seqlens, u)
+        y, ht, o = _forward_pass(variant, q, k, v, log_decay, theta, h0, offset, final or keep, 1, cu_seqlens, u,
+                                 packed)
         return (y, None, o, ht) if keep else (y, ht, o, None)
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
@@ -508,14 +512,20 @@ def _handed_states(variant, kernel, x, y, log_decay, theta, offset, segments, st
                       reverse=kernel == "bwd_state", every=finer, reach=reach)
 
 
+def _unpacked(pieces, cu_seqlens, cut=False):
+    """The op's `pieces` argument as split.Packed (None: none); cut: only where it cuts a sequence into pieces."""
+    packed = None if pieces is None else split.unpack_pieces(pieces, cu_seqlens.numel() - 1)
+    return packed if packed is not None and (packed.cut or not cut) else None
+
+
 def _packed_handed_states(variant, kernel, x, y, log_decay, theta, offset, packed, start):
     """_handed_states of packed sequences' pieces (split.Packed), [S', H, F, dv]: the varlen pieces module's state
     pass (each piece's own; not each sequence's last forward, first backward: no piece receives those), then the
     scan over each sequence's pieces from start ([S, H, F, dv] or None)."""
     module = build.load(variant, "varlen_pieces")
     own = _state_like(variant, x, packed.cu)
-    _launch(module, variant, kernel, x, "BV", (x, y, own, log_decay, theta), offset, 1, packed.cu,
-            seq_start=packed.seq_start, HAS_FINAL=True, REACH=split.reach_bits(x.dtype))
+    _launch(module, variant, kernel, x, "BV", (x, y, own, log_decay, theta), offset, 1, packed.cu, packed=packed,
+            HAS_FINAL=True, REACH=split.reach_bits(x.dtype))
     return split.packed_scan(module, own, split.packed_log_decays(variant, log_decay, packed), packed, start,
                              reverse=kernel == "bwd_state")
 
@@ -573,7 +583,7 @@ def _reference_state_pass(variant, kernel, x, y, log_decay, theta, offset):
 
 
 def _forward_pass(variant, q, k, v, log_decay, theta, h0, offset, final, segments, cu_seqlens=None, u=None,
-                  seq_start=None):
+                  packed=None):
     """The forward kernel: (output, final state or None, o or None). With an epilogue the kernel writes
     the attention's o (all the backward needs: rstd comes back from it) and y."""
     module = build.load(variant, "varlen" if cu_seqlens is not None else "main")
@@ -581,7 +591,7 @@ def _forward_pass(variant, q, k, v, log_decay, theta, h0, offset, final, segment
     ht = _state_like(variant, q, cu_seqlens) if final else None
     y = torch.empty_like(v) if variant.epilogue else None
     _launch(module, variant, "fwd", q, "BV", (q, k, v, o, h0, ht, log_decay, theta, *((u, y) if y is not None else ())),
-            offset, segments, cu_seqlens, seq_start=seq_start, HAS_INIT=h0 is not None, HAS_FINAL=final)
+            offset, segments, cu_seqlens, packed=packed, HAS_INIT=h0 is not None, HAS_FINAL=final)
     return (y, ht, o) if y is not None else (o, ht, None)
 
 
@@ -591,12 +601,13 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     of the forward (received: the states they started from), see lightgen.split."""
     module = build.load(variant, "varlen" if cu_seqlens is not None else "main")
     do, du = _epilogue_backward(module, variant, o, u, do) if variant.epilogue else (do, None)
-    if pieces is not None:
-        return (*_packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, cu_seqlens,
-                                  received, pieces), du)
+    packed = _unpacked(pieces, cu_seqlens)
+    if packed is not None and packed.cut:
+        return (*_packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, received,
+                                  packed), du)
     if segments == 1:  # (received: the whole state the forward kept, which dq takes as the pieces' own)
         return (*_attention_backward(module, variant, q, k, v, do, log_decay, theta, h0 if received is None else received,
-                                     dht, ht, offset, 1, cu_seqlens), du)
+                                     dht, ht, offset, 1, cu_seqlens, packed), du)
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
@@ -614,11 +625,9 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     return whole(dq), whole(dk), whole(dv), whole(dlog_decay), dtheta, dh0, du
 
 
-def _packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, cu_seqlens, received,
-                     pieces):
+def _packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, received, packed):
     """_backward_kernels of packed sequences' pieces (the attention's part): each piece's backward as a packed
     sequence of its own, from the state it received and the gradient of the state after it (the reverse scan's)."""
-    packed = split.unpack_pieces(pieces, cu_seqlens.numel() - 1)
     sent = _packed_handed_states(variant, "bwd_state", q, do, log_decay, theta, offset, packed, dht)
     after = None
     if variant.learned_decay:  # the state after each piece, for dg: the next one's start; a sequence's last, ht
@@ -626,13 +635,13 @@ def _packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht
         if dht is not None:
             after.index_copy_(0, (packed.first[1:] - 1).long(), ht)
     dq, dk, dv, dlog_decay, dtheta, dh0 = _attention_backward(
-        module, variant, q, k, v, do, log_decay, theta, received, sent, after, offset, 1, packed.cu, packed.seq_start)
+        module, variant, q, k, v, do, log_decay, theta, received, sent, after, offset, 1, packed.cu, packed)
     dh0 = dh0.index_select(0, packed.first[:-1]) if h0 is not None else None  # each sequence's first piece got h0
     return dq, dk, dv, dlog_decay, dtheta, dh0
 
 
 def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, segments,
-                        cu_seqlens=None, seq_start=None):
+                        cu_seqlens=None, packed=None):
     """The backward kernels (after the epilogue's): dq, dk, dv, d log_decay, dtheta, dh0."""
     b, n, h, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -651,17 +660,17 @@ def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht,
     gate_q, gate_k = ((dG_q,), (dG_k,)) if vector else ((TileShares(dG_q),), (TileShares(dG_k),)) if learned else ((), ())
     states = dict(HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
     _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, *gate_q, h0, log_decay, theta), offset,
-            segments, cu_seqlens, seq_start=seq_start, HAS_INIT=h0 is not None)
+            segments, cu_seqlens, packed=packed, HAS_INIT=h0 is not None)
     if launch.backward_path(variant, q.dtype, n, q.device) == "fused":
         _launch(module, variant, "bwd_dkv", q, "BV", (q, k, v, do, TileShares(dk), dv,
                                                       dth_k if dth_k is None else TileShares(dth_k), *gate_k,
                                                       dht, dh0, log_decay, theta), offset, segments,
-                cu_seqlens, seq_start=seq_start, **states)
+                cu_seqlens, packed=packed, **states)
     else:
         _launch(module, variant, "bwd_dk", q, "BK", (q, k, v, do, dk, dth_k, *gate_k, dht, log_decay, theta), offset,
-                segments, cu_seqlens, seq_start=seq_start, HAS_INIT=dht is not None)
+                segments, cu_seqlens, packed=packed, HAS_INIT=dht is not None)
         _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log_decay, theta), offset,
-                segments, cu_seqlens, seq_start=seq_start, **states)
+                segments, cu_seqlens, packed=packed, **states)
     dtheta = (dth_q + dth_k).view(sequences, h, variant.dk).sum(0) if lrpe else None
     dlog_decay = _log_decay_grad(variant, dG_q if vector else dG_q + dG_k, dht, ht, cu_seqlens) if learned else None
     return dq, dk, dv, dlog_decay, dtheta, dh0
@@ -844,8 +853,9 @@ def _custom_ops(variant: Variant):
     @fwd_op.register_fake
     def _(q, k, v, log_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens=None, u=None,
           keep=False, pieces=None):
-        if pieces is not None:  # one state per piece
-            received = _state_like(variant, q, split.unpack_pieces(pieces, cu_seqlens.numel() - 1).cu)
+        packed = _unpacked(pieces, cu_seqlens, cut=True)
+        if packed is not None:  # one state per piece
+            received = _state_like(variant, q, packed.cu)
         else:
             received = _state_like(variant, split.as_pieces(q, segments)) if segments > 1 or keep else q.new_empty(0)
         return (torch.empty_like(v), (_state_like(variant, q, cu_seqlens) if output_final_state else q.new_empty(0)),
@@ -863,7 +873,7 @@ def _custom_ops(variant: Variant):
         final_state = output[1] if learned and output_final_state else None
         o = output[2] if variant.epilogue else None  # the attention's own output, for the epilogue's backward
         # the states the pieces started from (or kept)
-        received = output[3] if segments > 1 or keep or pieces is not None else None
+        received = output[3] if segments > 1 or keep or _unpacked(pieces, cu_seqlens, cut=True) else None
         ctx.save_for_backward(q, k, v, log_decay, theta, initial_state, final_state, cu_seqlens, o, u, received, pieces)
         ctx.offset, ctx.final, ctx.segments = offset, output_final_state, segments
         # outputs without a gradient arrive as None, not as zeros to fill: the pieces' states alone are

@@ -15,8 +15,8 @@ their state crosses (the pieces module's _window): a token d steps away weighs l
 below 2**-reach_bits(dtype) are left out. For the TNL slopes the state passes then read a fraction of k and v.
 
 Packed sequences (cu_seqlens) are cut the same way, into pieces of one length (a sequence's last piece shorter),
-which the varlen kernels run as packed sequences of their own (Packed: where each piece is, and which are whose);
-the scan then walks each sequence's pieces.
+which the varlen kernels run as packed sequences of their own (Packed: where each piece is, which are whose, and
+the longest first); the scan then walks each sequence's pieces.
 
 Here: the views, and the scans over pieces (a kernel of the pieces module: a walk over the P pieces'
 [F, dv] fp32 states in order, which are small next to q, k, v, and exponentiates the pieces' decays
@@ -102,34 +102,42 @@ def scan(module, own, log_decays, segments, length, start=None, reverse=False, l
 
 
 class Packed(NamedTuple):
-    """Packed sequences cut into pieces (views of the one int32 tensor that packed_pieces builds): S sequences,
-    S' pieces. The pieces are packed sequences of their own for the varlen kernels."""
+    """Packed sequences as the varlen kernels run them (views of the one int32 tensor that packed_pieces builds): S
+    sequences, cut into S' pieces (S' = S: none is cut), which are packed sequences of their own for the kernels."""
     cu: torch.Tensor  # [S' + 1]: the pieces' offsets, as cu_seqlens
     seq_start: torch.Tensor  # [S' + 1]: the row where each piece's sequence starts (-1 past the last)
     first: torch.Tensor  # [S + 1]: sequence s's pieces are first[s] .. first[s + 1] - 1 (at least one: an empty one)
+    order: torch.Tensor  # [S']: the pieces, longest first (the order their programs are launched in)
 
     @property
     def count(self) -> int:
         return self.cu.numel() - 1
 
+    @property
+    def cut(self) -> bool:
+        return self.count > self.first.numel() - 1
+
 
 def packed_pieces(offsets: list[int], length: int, device) -> torch.Tensor:
-    """The pieces of `length` tokens that packed sequences (their offsets, as cu_seqlens) are cut into, as one
-    int32 tensor for the op (unpack_pieces reads it): a sequence's last piece is what is left, an empty sequence
-    one empty piece."""
+    """Packed sequences (their offsets, as cu_seqlens) as pieces of `length` tokens (0: each whole), as one int32
+    tensor for the op (unpack_pieces reads it): a sequence's last piece is what is left, an empty sequence one empty
+    piece."""
     cuts, starts, first = [], [], [0]
     for start, end in zip(offsets, offsets[1:]):
-        here = range(start, end, length) or [start]
+        here = range(start, end, length) if length else []
+        here = here or [start]
         cuts.extend(here)
         starts.extend([start] * len(here))
         first.append(len(cuts))
-    return torch.tensor(cuts + [offsets[-1]] + starts + [-1] + first, dtype=torch.int32).to(device)
+    cuts.append(offsets[-1])
+    order = sorted(range(len(cuts) - 1), key=lambda i: cuts[i] - cuts[i + 1])  # (stable: ties in packed order)
+    return torch.tensor(cuts + starts + [-1] + first + order, dtype=torch.int32).to(device)
 
 
 def unpack_pieces(pieces: torch.Tensor, sequences: int) -> Packed:
     """packed_pieces' tensor as views (sequences: S)."""
-    count = (pieces.numel() - sequences - 1) // 2 - 1
-    return Packed(pieces[:count + 1], pieces[count + 1:2 * count + 2], pieces[2 * count + 2:])
+    count = (pieces.numel() - sequences - 3) // 3
+    return Packed(*pieces.split([count + 1, count + 1, sequences + 1, count]))
 
 
 def packed_log_decays(variant, log_decay, packed: Packed) -> torch.Tensor | None:

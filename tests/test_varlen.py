@@ -115,14 +115,19 @@ def test_piece_length_rule(monkeypatch):
 
 def test_pieces_layout():
     """split.packed_pieces: each sequence cut at multiples of the length from its start, an empty one as one empty
-    piece; where each piece's sequence starts (-1 past the last); each sequence's first piece."""
+    piece; where each piece's sequence starts (-1 past the last); each sequence's first piece; the pieces longest
+    first (ties in packed order). Length 0: none cut."""
     from lightgen import split
 
     packed = split.unpack_pieces(split.packed_pieces([0, 0, 5, 25, 26], 8, "cpu"), 4)
     assert packed.cu.tolist() == [0, 0, 5, 13, 21, 25, 26]
     assert packed.seq_start.tolist() == [0, 0, 5, 5, 5, 25, -1]
     assert packed.first.tolist() == [0, 1, 2, 5, 6]
-    assert packed.count == 6
+    assert packed.order.tolist() == [2, 3, 1, 4, 5, 0]
+    assert packed.count == 6 and packed.cut
+    whole = split.unpack_pieces(split.packed_pieces([0, 0, 5, 25, 26], 0, "cpu"), 4)
+    assert whole.cu.tolist() == [0, 0, 5, 25, 26] and whole.first.tolist() == [0, 1, 2, 3, 4]
+    assert whole.order.tolist() == [2, 1, 3, 0] and not whole.cut
 
 
 @pytest.mark.parametrize("spec", ["decay=scalar,causal,lrpe=d,phi=silu,dk=16,dv=32",
