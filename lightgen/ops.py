@@ -102,8 +102,8 @@ class LinearAttention:
         pieces = offsets.pieces(length) if offsets is not None else None
         # non-causal without decay, unsplit: the forward keeps the whole k-v state for the backward's dq when there
         # will be one (a state per (sequence, head), where dq would walk k and v again)
-        keep = splittable and variant.whole_state and segments == 1 and q.shape[1] > 0 and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, theta, u))
+        keep = splittable and variant.whole_state and segments == 1 and q.shape[1] > 0 and torch.is_grad_enabled() \
+            and any(t is not None and t.requires_grad for t in (q, k, v, theta, u))
         o, final_state, _, _ = self._forward(q, k, v, log_decay, theta, initial_state, offset,
                                              bool(output_final_state), segments, cu_seqlens, u, keep, pieces)
         return (o, final_state) if output_final_state else o
@@ -868,12 +868,13 @@ def _custom_ops(variant: Variant):
         return tuple(q.new_empty(0) if t is None else torch.empty_like(t) for t in like)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, log_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens, u, keep, pieces = inputs
+        (q, k, v, log_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens, u, keep,
+         pieces) = inputs
         # decay=scalar / vector: the final state itself enters dg (see _log_decay_grad)
         final_state = output[1] if learned and output_final_state else None
         o = output[2] if variant.epilogue else None  # the attention's own output, for the epilogue's backward
         # the states the pieces started from (or kept)
-        received = output[3] if segments > 1 or keep or _unpacked(pieces, cu_seqlens, cut=True) else None
+        received = output[3] if segments > 1 or keep or _unpacked(pieces, cu_seqlens, cut=True) is not None else None
         ctx.save_for_backward(q, k, v, log_decay, theta, initial_state, final_state, cu_seqlens, o, u, received, pieces)
         ctx.offset, ctx.final, ctx.segments = offset, output_final_state, segments
         # outputs without a gradient arrive as None, not as zeros to fill: the pieces' states alone are

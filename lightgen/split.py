@@ -88,17 +88,23 @@ def scan(module, own, log_decays, segments, length, start=None, reverse=False, l
     the first). reach: the state passes' reach_bits (decay=constant: the pieces they left empty are not read)."""
     h = own.shape[1]
     b = own.shape[0] // segments
-    size = math.prod(own.shape[2:])  # (not own[0, 0].numel(): indexing is two more torch calls)
+    size, per_dim, block = _scan_blocks(own, log_decays)
     out = own.new_empty(b * (segments // every), *own.shape[1:])
     end = own.new_empty(b, *own.shape[1:]) if last else None
-    per_dim = (log_decays.shape[-1], own.shape[-1]) if log_decays is not None and log_decays.dim() == 3 else ()  # vector
-    block = min(SCAN_BLOCK, 1 << (size - 1).bit_length())  # many programs: each walks P pieces one after another
     # decay=constant (log decays per head): a head whose reach is at most a group computes each out_p apart
     outs = segments // every + last if log_decays is not None and log_decays.dim() == 1 else 1
     module.scan[(b * h, -(-size // block), outs)](
         own, log_decays, start, out, end, segments, h, size, length, every, reach, *per_dim, BLOCK=block,
         UNROLL=SCAN_UNROLL, REVERSE=reverse, HAS_START=start is not None, HAS_LAST=last)
     return (out, end) if last else out
+
+
+def _scan_blocks(own, log_decays):
+    """A scan's entries per state, its per-dim arguments (decay=vector's dk, dv) and its entries per program (many
+    programs: each walks the pieces one after another)."""
+    size = math.prod(own.shape[2:])  # (not own[0, 0].numel(): indexing is two more torch calls)
+    per_dim = (log_decays.shape[-1], own.shape[-1]) if log_decays is not None and log_decays.dim() == 3 else ()
+    return size, per_dim, min(SCAN_BLOCK, 1 << (size - 1).bit_length())
 
 
 class Packed(NamedTuple):
@@ -147,7 +153,8 @@ def packed_log_decays(variant, log_decay, packed: Packed) -> torch.Tensor | None
     if not variant.learned_decay:
         return log_decay
     rows = log_decay[0]  # [T, H(, dk)]
-    piece = torch.searchsorted(packed.cu[1:], torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32), right=True)
+    tokens = torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32)
+    piece = torch.searchsorted(packed.cu[1:], tokens, right=True)  # each token's piece (empty ones hold none)
     return rows.new_zeros(packed.count, *rows.shape[1:]).index_add_(0, piece, rows)
 
 
@@ -155,10 +162,8 @@ def packed_scan(module, own, log_decays, packed: Packed, start=None, reverse=Fal
     """The scan of packed pieces (the varlen pieces module's): own [S', H, F, dv] states, start [S, H, F, dv] or
     None; forward, the state each piece starts from; reverse, the gradient of the state after each piece (as scan)."""
     h = own.shape[1]
-    size = math.prod(own.shape[2:])
+    size, per_dim, block = _scan_blocks(own, log_decays)
     out = torch.empty_like(own)
-    per_dim = (log_decays.shape[-1], own.shape[-1]) if log_decays is not None and log_decays.dim() == 3 else ()  # vector
-    block = min(SCAN_BLOCK, 1 << (size - 1).bit_length())
     module.scan[((packed.first.numel() - 1) * h, -(-size // block))](
         own, log_decays, start, out, packed.cu, packed.first, h, size, *per_dim, BLOCK=block, REVERSE=reverse,
         HAS_START=start is not None)

@@ -9,8 +9,9 @@ long-tailed mix (seeded); equal sequences as short as the pieces (nothing to cut
 of three do_bench medians; lightgen's call reads the offsets on the host, fla is handed them on the host too,
 cu_seqlens_cpu) for the forward and the forward + backward, and each against the floor (q, k, v, o read or
 written once forward; q, k, v, dO, dq, dk, dv backward, at the copy rate of the same run). lightgen's pieces are
-checked against its unsplit run and fla's output (relative Frobenius difference of o and the gradients). Each contender's kernels are also timed alone (the sum of
-their GPU times in one fwd+bwd, torch.profiler): eager time less that is the host's.
+checked against its unsplit run and fla's output (relative Frobenius difference of o and the gradients). Each
+contender's kernels are also timed alone (the sum of their GPU times in one fwd+bwd, torch.profiler): eager time
+less that is the host's.
 """
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ def _print(row, floor) -> None:
         print(f"  {who:17s} fwd {t['fwd_ms']:.3f} ms ({t['fwd_ms'] / floor['fwd']:.2f}x floor)  fwd+bwd "
               f"{t['fwdbwd_ms']:.3f} ms ({t['fwdbwd_ms'] / floor['fwdbwd']:.2f}x), its kernels "
               f"{t['kernels_fwdbwd_ms']:.3f} ms ({t['kernels_fwdbwd_ms'] / floor['fwdbwd']:.2f}x)")
-    print("  agreement with lightgen (o and gradients): " + ", ".join(f"{k} {v:.1e}" for k, v in row["agreement"].items()))
+    agreement = ", ".join(f"{who} {err:.1e}" for who, err in row["agreement"].items())
+    print(f"  agreement with lightgen (o and gradients): {agreement}")
 
 
 if __name__ == "__main__":
