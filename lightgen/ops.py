@@ -316,11 +316,11 @@ class HostOffsets:
     _read: dict[int, HostOffsets] = {}  # id(tensor) -> its offsets, while it lives
 
     def __init__(self, tensor: torch.Tensor):
-        key = id(tensor)
+        key, read = id(tensor), HostOffsets._read  # (the dict itself: at exit the class's name may be gone first)
 
         def forget(ref):  # the tensor is gone (and its id free for another): its entry goes too
-            if key in HostOffsets._read and HostOffsets._read[key].tensor is ref:
-                del HostOffsets._read[key]
+            if key in read and read[key].tensor is ref:
+                del read[key]
         self.tensor = weakref.ref(tensor, forget)
         self.version = tensor._version
         self.values = tensor.tolist()

@@ -338,3 +338,6 @@ def test_bench_varlen_packings_and_spec_check():
     assert max(packs["mix"]) < 65536 // 2 < sum(packs["mix"])  # long-tailed: no single one dominates
     with pytest.raises(SystemExit, match="--spec decay=scalar"):
         bench_varlen.main(["--spec", "decay=scalar,causal,dk=64,dv=64"])
+    assert bench_varlen.parse_args(["--packings", "mix,one"]).packings == ["mix", "one"]
+    with pytest.raises(SystemExit):
+        bench_varlen.parse_args(["--packings", "mix,twelve"])

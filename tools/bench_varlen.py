@@ -44,8 +44,15 @@ def parse_args(argv=None):
     p.add_argument("--spec", default="decay=constant,causal,dk=128,dv=128", help="a causal variant")
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--hidden", type=int, default=2048, help="H * D")
+    p.add_argument("--packings", help=f"comma-separated subset of {', '.join(packings(1 << 16))}")
     p.add_argument("--json", help="write the rows here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    known = packings(args.tokens)
+    args.packings = args.packings.split(",") if args.packings else list(known)
+    unknown = [name for name in args.packings if name not in known]
+    if unknown:
+        p.error(f"--packings: unknown {', '.join(unknown)}; expected names from {', '.join(known)}")
+    return args
 
 
 def main(argv=None) -> None:
@@ -73,6 +80,8 @@ def main(argv=None) -> None:
     floor = {"fwd": 4 * unit, "fwdbwd": 11 * unit}
     rows = []
     for name, lengths in packings(args.tokens).items():
+        if name not in args.packings:
+            continue
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + n)
