@@ -516,3 +516,29 @@ def test_cache_and_sequence_parallel_paths_keep_the_epilogue_in_pytorch():
             block.token_mixer.sequence_parallel = hook
         assert rel_err(model(ids), fused) < 2e-5
     assert len(seen) == 2 and not any(v.epilogue for v in seen)
+
+
+@pytest.mark.parametrize("output_norm", ["row", "head"])
+def test_packed_documents_attend_to_themselves(output_norm):
+    """model(ids, cu_seqlens=cu): documents packed in one row each attend only to themselves (LRPE from 0): the
+    logits and the gradients of the loss are those of one call per document, with checkpointing too (the fused
+    epilogue under output_norm="head")."""
+    model = make_model(output_norm=output_norm, lrpe_layers=[0, 1]).train()
+    model.gradient_checkpointing = True
+    lengths = [20, 0, 37]
+    ids = torch.randint(0, 256, (1, sum(lengths) + 1), generator=torch.Generator().manual_seed(8))
+    cu = torch.tensor([0, 20, 20, 57], dtype=torch.int32)
+    packed = model(ids[:, :-1], cu_seqlens=cu)
+    bounds = [(0, 20), (20, 57)]
+    alone = torch.cat([model(ids[:, a:b]) for a, b in bounds], 1)
+    assert rel_err(packed, alone) < 1e-5
+    packed_loss = model.loss(ids[:, :-1], ids[:, 1:], cu_seqlens=cu)
+    grads = torch.autograd.grad(packed_loss, list(model.parameters()))
+    separate = sum(model.loss(ids[:, a:b], ids[:, a + 1:b + 1]) * (b - a) for a, b in bounds) / 57
+    for g, e in zip(grads, torch.autograd.grad(separate, list(model.parameters()))):
+        assert rel_err(g, e) < 1e-4
+    with pytest.raises(ValueError, match="^cu_seqlens: packed documents are for the training form"):
+        model(ids[:, :-1], cache=generation.TNLCache.empty(len(model.layers)), cu_seqlens=cu)
+    model.layers[0].token_mixer.sequence_parallel = lambda attn, q, k, v, **kw: attn(q, k, v, **kw)
+    with pytest.raises(ValueError, match="^cu_seqlens: packed documents are not split across ranks"):
+        model(ids[:, :-1], cu_seqlens=cu)

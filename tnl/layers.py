@@ -98,11 +98,11 @@ class GLA(nn.Module):
         self.slopes = slopes.to(self.slopes.device)
         return self
 
-    def _attend(self, q, k, v, **states):
+    def _attend(self, q, k, v, **extra):  # extra: the states of a chunked prefill, or cu_seqlens
         theta = self._local_theta()
-        if self.sequence_parallel is not None and not states:
+        if self.sequence_parallel is not None and not extra:
             return self.sequence_parallel(self.attn, q, k, v, slopes=self.slopes.float(), theta=theta)
-        return self.attn(q, k, v, slopes=self.slopes.float(), theta=theta, **states)
+        return self.attn(q, k, v, slopes=self.slopes.float(), theta=theta, **extra)
 
     def _step(self, q, k, v, state, position):
         return self.attn.step(q, k, v, state, slopes=self.slopes.float(), theta=self._local_theta(), position=position)
@@ -121,18 +121,23 @@ class GLA(nn.Module):
         b, n = o.shape[:2]
         return self.norm(o.reshape(b, n, -1)) * _GATES[self.gate_act](u.reshape(b, n, -1))
 
-    def forward(self, x, cache=None):
-        """x [B, N, hidden]. With a cache (generation), carry this layer's state across calls."""
+    def forward(self, x, cache=None, cu_seqlens=None):
+        """x [B, N, hidden]. With a cache (generation), carry this layer's state across calls. cu_seqlens: packed
+        documents (B = 1), each attended on its own (TNLForCausalLM.forward)."""
         b, n, _ = x.shape
+        if cu_seqlens is not None and self.sequence_parallel is not None:
+            raise ValueError("cu_seqlens: packed documents are not split across ranks (sequence parallelism); "
+                             "pass one sequence per batch row there")
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
         q, k, v, u = (t.reshape(b, n, self.heads, self.head_dim) for t in (q, k, v, u))
         # Sequence parallelism adds the earlier ranks' state contribution to o after the kernel; the norm
         # is not linear, so it must come after that sum: that path keeps the epilogue in PyTorch.
         if cache is None and self.use_fused and self.sequence_parallel is None:
-            o = self.fused(q, k, v, slopes=self.slopes.float(), theta=self._local_theta(), u=u)
+            o = self.fused(q, k, v, slopes=self.slopes.float(), theta=self._local_theta(), u=u, **packed)
             return self.out_proj(o.reshape(b, n, -1))
         if cache is None:
-            o = self._attend(q, k, v)
+            o = self._attend(q, k, v, **packed)
         elif n == 1:
             state = cache.states[self.layer]
             if state is None:  # a one-token prompt: decoding starts from the zero state
@@ -169,6 +174,6 @@ class TNLBlock(nn.Module):
         self.channel_norm = SRMSNorm(config.norm_eps)
         self.channel_mixer = SGLU(config.hidden_size, config.glu_dim)
 
-    def forward(self, x, cache=None):
-        x = x + self.token_mixer(self.token_norm(x), cache)
+    def forward(self, x, cache=None, cu_seqlens=None):
+        x = x + self.token_mixer(self.token_norm(x), cache, cu_seqlens)
         return x + self.channel_mixer(self.channel_norm(x))

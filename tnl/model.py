@@ -3,6 +3,7 @@
     model = TNLForCausalLM(TNLConfig.preset("tiny"))
     logits = model(input_ids)                       # [B, N, vocab], parallel form (lightgen kernel)
     loss = model.loss(input_ids, targets)           # mean cross-entropy, fp32
+    loss = model.loss(ids, targets, cu_seqlens=cu)  # packed documents, each attending to itself alone
     out = model.generate(input_ids, 50, top_k=20)   # recurrent decoding, see tnl.generation
     model.save_pretrained("run"); TNLForCausalLM.from_pretrained("run")
 """
@@ -50,22 +51,30 @@ class TNLForCausalLM(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids, cache: generation.TNLCache | None = None):
+    def forward(self, input_ids, cache: generation.TNLCache | None = None, cu_seqlens=None):
         """input_ids [B, N] -> logits [B, N, vocab]. With a cache the tokens continue the cached
-        sequence (chunked prefill for N > 1, the recurrent step for N == 1) and the cache advances."""
+        sequence (chunked prefill for N > 1, the recurrent step for N == 1) and the cache advances.
+        cu_seqlens (int32 [S + 1], B = 1): input_ids holds S documents back to back (their offsets, as
+        flash-attn's), and each attends only to itself, from LRPE position 0 (the kernels' packed sequences:
+        a pack with a long document runs at the speed of one long sequence). Training form only."""
+        if cu_seqlens is not None and cache is not None:
+            raise ValueError("cu_seqlens: packed documents are for the training form; generation (cache) takes "
+                             "one sequence per batch row")
         x = self.embed_tokens(input_ids) * self.embed_scale
         for block in self.layers:
             if self.gradient_checkpointing and cache is None and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, cu_seqlens, use_reentrant=False)
             else:
-                x = block(x, cache)
+                x = block(x, cache, cu_seqlens)
         if cache is not None:
             cache.position += input_ids.shape[1]
         return self.lm_head(self.final_norm(x))
 
-    def loss(self, input_ids, targets):
-        """Mean next-token cross-entropy; targets[:, t] is the token after input_ids[:, t]."""
-        logits = self(input_ids)
+    def loss(self, input_ids, targets, cu_seqlens=None):
+        """Mean next-token cross-entropy; targets[:, t] is the token after input_ids[:, t]. cu_seqlens: packed
+        documents (see forward); a document's last target is the caller's choice (the next document's first
+        token, or an ignored index: -100, cross_entropy's default)."""
+        logits = self(input_ids, cu_seqlens=cu_seqlens)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     def generate(self, input_ids, max_new_tokens, **kwargs):
