@@ -313,20 +313,23 @@ def segments(variant, shape, dtype, device) -> int:
     if device.type != "cuda":
         return 1
     b, n, h, _ = shape
-    per_sm = 4 if variant.learned_decay else 2 if variant.whole_state and variant.dv <= 64 else 1
-    return _most_cuts(n, 1, per_sm * _sm_count(device) // (b * h))
+    return _most_cuts(n, 1, _per_sm(variant) * _sm_count(device) // (b * h))
+
+
+def _per_sm(variant) -> int:
+    """(pair, piece)s per SM that sequence splitting aims at (segments() says why)."""
+    return 4 if variant.learned_decay else 2 if variant.whole_state and variant.dv <= 64 else 1
 
 
 def piece_length(variant, lengths: list[int], heads: int, device) -> int:
-    """Packed sequences (causal): the length of the pieces that sequences longer than it are cut into (0: none is
-    cut). As segments(): a program walking a long sequence alone is the bound, so the pieces are as long as the
-    tokens per SM (all the sequences' tokens times the heads, over (pair, piece)s per SM times the SMs: the work of
-    one SM), a power of two of at least 1024 tokens; the short sequences fill the SMs the pieces leave. One
-    sequence of 64K, 16 heads: pieces of 8K, as segments() cuts it."""
-    if device.type != "cuda" or not variant.causal or not lengths:
+    """Packed sequences (causal, or non-causal without decay): the length of the pieces that sequences longer than
+    it are cut into (0: none is cut). As segments(): a program walking a long sequence alone is the bound, so the
+    pieces are as long as the tokens per SM (all the sequences' tokens times the heads, over (pair, piece)s per SM
+    times the SMs: the work of one SM), a power of two of at least 1024 tokens; the short sequences fill the SMs the
+    pieces leave. One sequence of 64K, 16 heads: pieces of 8K, as segments() cuts it."""
+    if device.type != "cuda" or not (variant.causal or variant.whole_state) or not lengths:
         return 0
-    per_sm = 4 if variant.learned_decay else 1
-    per_program = -(-sum(lengths) * heads // (per_sm * _sm_count(device)))
+    per_program = -(-sum(lengths) * heads // (_per_sm(variant) * _sm_count(device)))
     length = max(1024, 1 << (per_program - 1).bit_length())
     return length if length < max(lengths) else 0
 

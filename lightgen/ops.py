@@ -95,14 +95,14 @@ class LinearAttention:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         splittable = (variant.causal or variant.whole_state) and cu_seqlens is None
         segments = launch.segments(variant, q.shape, q.dtype, q.device) if splittable else 1
-        # packed sequences as the kernels run them (split.Packed): the longest first, and (causal) the long ones cut
-        # into pieces that run as packed sequences of their own (not under torch.compile tracing, which has no
-        # offsets on the host: each whole, in packed order)
+        # packed sequences as the kernels run them (split.Packed): the longest first, and (causal, or non-causal
+        # without decay) the long ones cut into pieces that run as packed sequences of their own (not under
+        # torch.compile tracing, which has no offsets on the host: each whole, in packed order)
         length = launch.piece_length(variant, offsets.lengths, heads, q.device) if offsets is not None else 0
         pieces = offsets.pieces(length) if offsets is not None else None
         # non-causal without decay, unsplit: the forward keeps the whole k-v state for the backward's dq when there
         # will be one (a state per (sequence, head), where dq would walk k and v again)
-        keep = splittable and variant.whole_state and segments == 1 and q.shape[1] > 0 and torch.is_grad_enabled() \
+        keep = variant.whole_state and segments == 1 and not length and q.shape[1] > 0 and torch.is_grad_enabled() \
             and any(t is not None and t.requires_grad for t in (q, k, v, theta, u))
         o, final_state, _, _ = self._forward(q, k, v, log_decay, theta, initial_state, offset,
                                              bool(output_final_state), segments, cu_seqlens, u, keep, pieces)
@@ -856,8 +856,10 @@ def _custom_ops(variant: Variant):
         packed = _unpacked(pieces, cu_seqlens, cut=True)
         if packed is not None:  # one state per piece
             received = _state_like(variant, q, packed.cu)
+        elif keep:  # one state per sequence
+            received = _state_like(variant, q, cu_seqlens)
         else:
-            received = _state_like(variant, split.as_pieces(q, segments)) if segments > 1 or keep else q.new_empty(0)
+            received = _state_like(variant, split.as_pieces(q, segments)) if segments > 1 else q.new_empty(0)
         return (torch.empty_like(v), (_state_like(variant, q, cu_seqlens) if output_final_state else q.new_empty(0)),
                 torch.empty_like(v) if variant.epilogue else q.new_empty(0), received)
 

@@ -45,12 +45,13 @@ def test_backward_paths_and_tiles(spec, path, tile):
 
 
 @pytest.mark.parametrize("length", [16, 40])
-@pytest.mark.parametrize("spec", [spec for spec in CASES if "noncausal" not in spec])
+@pytest.mark.parametrize("spec", [spec for spec in CASES if "noncausal" not in spec or "decay=none" in spec]
+                         + ["decay=none,noncausal,lrpe=d,phi=silu,dk=16,dv=32,gate=silu"])
 def test_long_sequences_cut_into_pieces(spec, length, monkeypatch):
-    """Causal packed sequences longer than launch.piece_length (forced here) run as pieces, packed sequences of their
-    own, from the states the scan hands them: the same outputs, gradients and states. Pieces of 16: a sequence of 45
-    as 16 + 16 + 13, of 17 as 16 + 1; of 40: 45 as 40 + 5, 17 whole. Both ends empty; LRPE positions go on across the
-    pieces from the offset."""
+    """Packed sequences longer than launch.piece_length (forced here) run as pieces, packed sequences of their own,
+    from the states the scan hands them (non-causal without decay: the sum of all its sequence's pieces' own): the
+    same outputs, gradients and states. Pieces of 16: a sequence of 45 as 16 + 16 + 13, of 17 as 16 + 1; of 40: 45
+    as 40 + 5, 17 whole. Both ends empty; LRPE positions go on across the pieces from the offset."""
     from lightgen import ops
 
     monkeypatch.setattr(launch, "piece_length", lambda variant, lengths, heads, device: length)
@@ -92,8 +93,8 @@ def test_offsets_read_once_per_tensor():
 
 def test_piece_length_rule(monkeypatch):
     """Pieces as long as one SM's share of the tokens (all of them times the heads, over the SMs; four (pair, piece)s
-    per SM under a learned decay), a power of two of at least 1024 tokens; only longer sequences are cut. Never on the
-    CPU, nor non-causal."""
+    per SM under a learned decay, two for non-causal without decay at dv = 64), a power of two of at least 1024
+    tokens; only longer sequences are cut. Never on the CPU, nor non-causal with a decay."""
     monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
 
@@ -109,7 +110,9 @@ def test_piece_length_rule(monkeypatch):
     assert length([65536], "decay=scalar,causal,dk=128,dv=128") == 2048  # 4 per SM
     assert length([65536], heads=2) == 1024
     assert length([65536], device=torch.device("cpu")) == 0
-    assert length([65536], "decay=none,noncausal,dk=128,dv=128") == 0
+    assert length([65536], "decay=none,noncausal,dk=128,dv=128") == 8192  # its whole state: as segments()
+    assert length([65536], "decay=none,noncausal,dk=64,dv=64", heads=32) == 8192  # two per SM at dv = 64
+    assert length([65536], "decay=constant,noncausal,dk=128,dv=128") == 0  # (its two walks are never cut)
     assert length([]) == 0
 
 
