@@ -321,17 +321,18 @@ def _per_sm(variant) -> int:
     return 4 if variant.learned_decay else 2 if variant.whole_state and variant.dv <= 64 else 1
 
 
-def piece_length(variant, lengths: list[int], heads: int, device) -> int:
+def piece_length(variant, tokens: int, longest: int, heads: int, device) -> int:
     """Packed sequences (causal, or non-causal without decay): the length of the pieces that sequences longer than
     it are cut into (0: none is cut). As segments(): a program walking a long sequence alone is the bound, so the
     pieces are as long as the tokens per SM (all the sequences' tokens times the heads, over (pair, piece)s per SM
     times the SMs: the work of one SM), a power of two of at least 1024 tokens; the short sequences fill the SMs the
-    pieces leave. One sequence of 64K, 16 heads: pieces of 8K, as segments() cuts it."""
-    if device.type != "cuda" or not (variant.causal or variant.whole_state) or not lengths:
+    pieces leave. One sequence of 64K, 16 heads: pieces of 8K, as segments() cuts it. tokens: all the sequences';
+    longest: the longest one's."""
+    if device.type != "cuda" or not (variant.causal or variant.whole_state):
         return 0
-    per_program = -(-sum(lengths) * heads // (_per_sm(variant) * _sm_count(device)))
+    per_program = -(-tokens * heads // (_per_sm(variant) * _sm_count(device)))
     length = max(1024, 1 << (per_program - 1).bit_length())
-    return length if length < max(lengths) else 0
+    return length if length < longest else 0
 
 
 def state_split(variant, shape, segments, device) -> int:

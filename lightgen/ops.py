@@ -98,8 +98,10 @@ class LinearAttention:
         # packed sequences as the kernels run them (split.Packed): the longest first, and (causal, or non-causal
         # without decay) the long ones cut into pieces that run as packed sequences of their own (not under
         # torch.compile tracing, which has no offsets on the host: each whole, in packed order)
-        length = launch.piece_length(variant, offsets.lengths, heads, q.device) if offsets is not None else 0
-        pieces = offsets.pieces(length) if offsets is not None else None
+        length, pieces = 0, None
+        if offsets is not None:
+            length = launch.piece_length(variant, q.shape[1], offsets.longest, heads, q.device)
+            pieces = offsets.pieces(length)
         # non-causal without decay, unsplit: the forward keeps the whole k-v state for the backward's dq when there
         # will be one (a state per (sequence, head), where dq would walk k and v again)
         keep = variant.whole_state and segments == 1 and not length and q.shape[1] > 0 and torch.is_grad_enabled() \
@@ -329,6 +331,7 @@ class HostOffsets:
                 raise ValueError(f"cu_seqlens: expected non-decreasing offsets (sequence lengths >= 0), got "
                                  f"cu_seqlens[{i + 1}] = {end} < cu_seqlens[{i}] = {start}")
         self.lengths = [end - start for start, end in zip(self.values, self.values[1:])]
+        self.longest = max(self.lengths)
         self._pieces: dict[int, torch.Tensor] = {}
         self._device = tensor.device
 

@@ -54,7 +54,7 @@ def test_long_sequences_cut_into_pieces(spec, length, monkeypatch):
     as 40 + 5, 17 whole. Both ends empty; LRPE positions go on across the pieces from the offset."""
     from lightgen import ops
 
-    monkeypatch.setattr(launch, "piece_length", lambda variant, lengths, heads, device: length)
+    monkeypatch.setattr(launch, "piece_length", lambda variant, tokens, longest, heads, device: length)
     passes = []
     handed = ops._packed_handed_states
     monkeypatch.setattr(ops, "_packed_handed_states", lambda variant, kernel, *a: passes.append(kernel)
@@ -99,7 +99,7 @@ def test_piece_length_rule(monkeypatch):
     cuda = torch.device("cuda")
 
     def length(lengths, spec="decay=constant,causal,dk=128,dv=128", heads=16, device=cuda):
-        return launch.piece_length(lightgen.Variant.parse(spec), lengths, heads, device)
+        return launch.piece_length(lightgen.Variant.parse(spec), sum(lengths), max(lengths, default=0), heads, device)
 
     assert length([65536]) == 8192  # as launch.segments cuts one sequence of 64K: 8 pieces x 16 heads
     assert length([60000, 1000, 1000, 3536]) == 8192  # the short ones fill what the long one's pieces leave
@@ -228,7 +228,7 @@ def test_torch_compile_fullgraph(monkeypatch):
     """Traced, a packed call reads no offsets on the host (no sync, no graph break): each sequence runs whole, in
     packed order. The same results as eager, which cuts the long ones into pieces here (forced) and runs them
     longest first."""
-    monkeypatch.setattr(launch, "piece_length", lambda variant, lengths, heads, device: 16)
+    monkeypatch.setattr(launch, "piece_length", lambda variant, tokens, longest, heads, device: 16)
     attn = lightgen.compile("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16")
     q, k, v, _, _, theta, _ = random_inputs(attn.variant, 1, sum(LENGTHS), 2, torch.float32, DEVICE)
     cu = torch.tensor([0, *itertools.accumulate(LENGTHS)], dtype=torch.int32, device=DEVICE)

@@ -87,7 +87,7 @@ def main(argv=None) -> None:
             offsets.append(offsets[-1] + n)
         cu = torch.tensor(offsets, dtype=torch.int32, device="cuda")
         cu_long, cu_cpu = cu.long(), torch.tensor(offsets)
-        length = launch.piece_length(variant, lengths, heads, q.device)
+        length = launch.piece_length(variant, sum(lengths), max(lengths), heads, q.device)
         calls = {
             "lightgen": lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay),
             "lightgen unsplit": lambda: _unsplit(lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay)),
