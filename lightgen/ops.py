@@ -313,18 +313,19 @@ class HostOffsets:
     """A cu_seqlens tensor's offsets on the host, read once while the tensor lives and is not written in place
     (torch's version counter): each read is a device sync, and a training step hands the same tensor to every
     layer. Also keeps the pieces cut from them (split.packed_pieces, by piece length), so they are built once too.
-    (A write that torch does not count, such as a kernel's through the raw pointer, is not seen.)"""
+    (A write that torch does not count, such as a kernel's through the raw pointer, is not seen. Tensors made under
+    torch.inference_mode count none: theirs are read on every call.)"""
 
     _read: dict[int, HostOffsets] = {}  # id(tensor) -> its offsets, while it lives
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, kept: bool = True):
         key, read = id(tensor), HostOffsets._read  # (the dict itself: at exit the class's name may be gone first)
 
         def forget(ref):  # the tensor is gone (and its id free for another): its entry goes too
             if key in read and read[key].tensor is ref:
                 del read[key]
-        self.tensor = weakref.ref(tensor, forget)
-        self.version = tensor._version
+        self.tensor = weakref.ref(tensor, forget) if kept else None
+        self.version = tensor._version if kept else None
         self.values = tensor.tolist()
         for i, (start, end) in enumerate(zip(self.values, self.values[1:])):
             if end < start:
@@ -337,6 +338,8 @@ class HostOffsets:
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> HostOffsets:
+        if tensor.is_inference():  # (no version counter: an in-place write could not be told)
+            return cls(tensor, kept=False)
         read = cls._read.get(id(tensor))
         if read is None or read.tensor() is not tensor or read.version != tensor._version:
             read = cls._read[id(tensor)] = cls(tensor)

@@ -11,7 +11,7 @@ from helpers import check_variant
 
 import lightgen
 from lightgen import launch
-from lightgen.verify import random_inputs
+from lightgen.verify import random_inputs, rel_err
 
 # empty (first, so its offset is 0 and the next starts at 0 too), one token, a partial chunk before a full
 # one (C = 32 on CPU, 64 on GPU), exactly two chunks, a partial one
@@ -89,6 +89,12 @@ def test_offsets_read_once_per_tensor():
     del cu
     gc.collect()
     assert key not in HostOffsets._read
+    with torch.inference_mode():  # its tensors count no writes: read on every call, and so never stale
+        cu = torch.tensor([0, 7, 40], dtype=torch.int32, device=DEVICE)
+        first = attn(q, k, v, cu_seqlens=cu)
+        cu[1] = 30
+        torch.testing.assert_close(attn(q, k, v, cu_seqlens=cu), o)
+        assert rel_err(first, o) > 1e-3 and id(cu) not in HostOffsets._read
 
 
 def test_piece_length_rule(monkeypatch):
