@@ -46,7 +46,8 @@ def test_backward_paths_and_tiles(spec, path, tile):
 
 @pytest.mark.parametrize("length", [16, 40])
 @pytest.mark.parametrize("spec", [spec for spec in CASES if "noncausal" not in spec or "decay=none" in spec]
-                         + ["decay=none,noncausal,lrpe=d,phi=silu,dk=16,dv=32,gate=silu"])
+                         + ["decay=none,noncausal,lrpe=d,phi=silu,dk=16,dv=32,gate=silu",
+                            "decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16,scale=1,norm=srms,eps=0.01,gate=silu"])
 def test_long_sequences_cut_into_pieces(spec, length, monkeypatch):
     """Packed sequences longer than launch.piece_length (forced here) run as pieces, packed sequences of their own,
     from the states the scan hands them (non-causal without decay: the sum of all its sequence's pieces' own): the
