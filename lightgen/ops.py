@@ -36,8 +36,8 @@ class LinearAttention:
     LRPE position of the first token (chunked prefill, sequence parallelism).
     attn(..., cu_seqlens=cu): packed sequences, B = 1: q, k, v [1, T, H, D] hold S sequences back to back,
     cu int32 [S + 1] their offsets (0, ..., T; non-decreasing); each is attended on its own, from LRPE
-    position offset, with its own states [S, H, F, dv]; g [1, T, H] (or [1, T, H, dk]). Causal variants cut
-    the long ones into pieces, as long sequences are (launch.piece_length).
+    position offset, with its own states [S, H, F, dv]; g [1, T, H] (or [1, T, H, dk]). Causal variants and
+    non-causal ones without decay cut the long ones into pieces, as long sequences are (launch.piece_length).
     attn.step(q, k, v, state, position=t) -> o: one decode token per sequence, the state updated in place.
 
     Layout [B, N, H, D] (batch, sequence, heads, head dim), like flash-linear-attention:
