@@ -435,7 +435,8 @@ def test_torch_compile_of_the_kept_whole_state():
     kept = op(q.detach(), k.detach(), v.detach(), None, None, None, 0, False, 1, None, None, True)[3]
     assert kept.shape == (2, 2, 16, 32)  # [B, H, dk, dv]: sum over the tokens of f(k)^T v
     whole = torch.einsum("bnhk,bnhv->bhkv", torch.nn.functional.silu(k.detach()), v.detach())
-    torch.testing.assert_close(kept, whole, rtol=1e-4, atol=1e-5)
+    # (a GPU's silu takes the approximate sigmoid, within 2**-11 of it: templates/_features.j2)
+    assert rel_err(kept, whole) < (1e-5 if DEVICE == "cpu" else 1e-3)
     torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), None, None, None, 0, False, 1, None, None, True))
 
 
