@@ -1,6 +1,7 @@
 """Packed sequences (cu_seqlens) on the GPU: lightgen with its long sequences cut into pieces, the same without
 (every sequence one program per head, as before session 25), fla-core's `chunk_simple_gla` with the same
-cu_seqlens, and the HBM floor, in one process.
+cu_seqlens, and the HBM floor, in one process. Non-causal decay=none (cut since session 25) runs without fla, whose
+kernel is causal.
 
     PYTHONPATH=$PWD python -m tools.bench_varlen --json varlen.json
 
@@ -41,7 +42,8 @@ def packings(tokens: int, seed: int = 0) -> dict[str, list[int]]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--spec", default="decay=constant,causal,dk=128,dv=128", help="a causal variant")
+    p.add_argument("--spec", default="decay=constant,causal,dk=128,dv=128",
+                   help="causal with decay none or constant, or non-causal decay=none; no LRPE, identity phi")
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--hidden", type=int, default=2048, help="H * D")
     p.add_argument("--packings", help=f"comma-separated subset of {', '.join(packings(1 << 16))}")
@@ -59,16 +61,21 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     attn = lightgen.compile(args.spec)
     variant = attn.variant
-    if not variant.causal or variant.learned_decay or variant.lrpe != "none":
-        raise SystemExit(f"--spec {args.spec}: expected a causal variant with decay none or constant and no LRPE "
-                         f"(the math fla's chunk_simple_gla computes)")
+    if variant.learned_decay or variant.lrpe != "none" or variant.phi_name != "identity" or variant.epilogue or \
+            not (variant.causal or variant.whole_state):
+        raise SystemExit(f"--spec {args.spec}: expected a causal variant with decay none or constant, or non-causal "
+                         f"decay=none, without LRPE, a feature map or an epilogue (the math fla's chunk_simple_gla computes, "
+                         f"and the non-causal variant that packed calls cut)")
     heads = args.hidden // variant.dk
     copy_rate = bench.copy_bandwidth()
     ours_decay, fla_decay = {}, {}
     if variant.decay == "constant":
         slopes = torch.tensor(tnl_slopes(heads), device="cuda")
         ours_decay, fla_decay = {"slopes": slopes}, {"g_gamma": -slopes}
-    from fla.ops.simple_gla import chunk_simple_gla
+    if variant.causal:
+        from fla.ops.simple_gla import chunk_simple_gla
+    else:
+        print("fla: not run (chunk_simple_gla is causal only)")
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape = (1, args.tokens, heads)
@@ -91,9 +98,10 @@ def main(argv=None) -> None:
         calls = {
             "lightgen": lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay),
             "lightgen unsplit": lambda: _unsplit(lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay)),
-            "fla": lambda: chunk_simple_gla(q, k, v, scale=variant.scale, cu_seqlens=cu_long, cu_seqlens_cpu=cu_cpu,
-                                            **fla_decay)[0],
         }
+        if variant.causal:
+            calls["fla"] = lambda: chunk_simple_gla(q, k, v, scale=variant.scale, cu_seqlens=cu_long,
+                                                    cu_seqlens_cpu=cu_cpu, **fla_decay)[0]
         row = {"packing": name, "sequences": len(lengths), "longest": max(lengths), "piece_length": length}
         for who, fn in calls.items():
             row[who] = {"fwd_ms": bench.eager_time(fn), "fwdbwd_ms": bench.eager_time(fn, grad_of=leaves, do=do)}
@@ -102,7 +110,7 @@ def main(argv=None) -> None:
             if who == "lightgen":
                 row[who]["kernels"] = kernels
         row["agreement"] = {other: _agreement(calls["lightgen"], calls[other], leaves, do)
-                            for other in ("lightgen unsplit", "fla")}
+                            for other in calls if other != "lightgen"}
         rows.append(row)
         _print(row, floor)
     result = {"spec": variant.canonical(), "gpu": torch.cuda.get_device_name(), "tokens": args.tokens,
@@ -134,6 +142,8 @@ def _print(row, floor) -> None:
     print(f"{row['packing']}: {row['sequences']} sequences, longest {row['longest']}, pieces of "
           f"{row['piece_length'] or '- (none cut)'}")
     for who in ("lightgen", "lightgen unsplit", "fla"):
+        if who not in row:
+            continue
         t = row[who]
         print(f"  {who:17s} fwd {t['fwd_ms']:.3f} ms ({t['fwd_ms'] / floor['fwd']:.2f}x floor)  fwd+bwd "
               f"{t['fwdbwd_ms']:.3f} ms ({t['fwdbwd_ms'] / floor['fwdbwd']:.2f}x), its kernels "
