@@ -330,9 +330,24 @@ def piece_length(variant, tokens: int, longest: int, heads: int, device) -> int:
     longest: the longest one's."""
     if device.type != "cuda" or not (variant.causal or variant.whole_state):
         return 0
-    per_program = -(-tokens * heads // (_per_sm(variant) * _sm_count(device)))
-    length = max(1024, 1 << (per_program - 1).bit_length())
+    length = _piece_rule(variant, tokens, heads, device)
     return length if length < longest else 0
+
+
+def _piece_rule(variant, tokens: int, heads: int, device) -> int:
+    per_program = -(-tokens * heads // (_per_sm(variant) * _sm_count(device)))
+    return max(1024, 1 << (per_program - 1).bit_length())
+
+
+def packed_state_split(variant, tokens: int, heads: int, device) -> int:
+    """Packed sequences cut into pieces, decay=constant: how many programs share each piece's state-pass window
+    (state_split's counterpart; 1: none). One program walking a slow head's whole reach bounds the pass (the TNL
+    slopes' slowest: 4,258 tokens in bf16, 0.065 ms per pass at 65,536 tokens, H = 16, D = 128 on H100, session
+    26); as the batch path cuts its pieces, into sub-windows of at least 1024 tokens, CONSTANT_STATE_CUTS at most."""
+    if device.type != "cuda" or variant.decay != "constant":
+        return 1
+    small = variant.state_rows * variant.dv <= SMALL_STATE
+    return min(2 * CONSTANT_STATE_CUTS if small else CONSTANT_STATE_CUTS, _piece_rule(variant, tokens, heads, device) // 1024)
 
 
 def state_split(variant, shape, segments, device) -> int:

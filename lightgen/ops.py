@@ -529,11 +529,16 @@ def _packed_handed_states(variant, kernel, x, y, log_decay, theta, offset, packe
     pass (each piece's own; not each sequence's last forward, first backward: no piece receives those), then the
     scan over each sequence's pieces from start ([S, H, F, dv] or None)."""
     module = build.load(variant, "varlen_pieces")
-    own = _state_like(variant, x, packed.cu)
-    _launch(module, variant, kernel, x, "BV", (x, y, own, log_decay, theta), offset, 1, packed.cu, packed=packed,
-            HAS_FINAL=True, REACH=split.reach_bits(x.dtype))
+    reach = split.reach_bits(x.dtype)
+    every = {}  # decay=constant: each piece's window over that many programs, a state each (launch.packed_state_split)
+    if variant.decay == "constant":
+        every = {"EVERY": launch.packed_state_split(variant, x.shape[1], x.shape[2], x.device)}
+    count = packed.count * every.get("EVERY", 1)
+    own = torch.empty(_state_shape(variant, count, x.shape[2]), device=x.device, dtype=torch.float32)
+    _launch(module, variant, kernel, x, "BV", (x, y, own, log_decay, theta), offset, 1, packed.cu, batch=count,
+            packed=packed, HAS_FINAL=True, REACH=reach, **every)
     return split.packed_scan(module, own, split.packed_log_decays(variant, log_decay, packed), packed, start,
-                             reverse=kernel == "bwd_state")
+                             reverse=kernel == "bwd_state", every=every.get("EVERY"), reach=reach)
 
 
 def _whole(t, b, n):

@@ -158,13 +158,16 @@ def packed_log_decays(variant, log_decay, packed: Packed) -> torch.Tensor | None
     return rows.new_zeros(packed.count, *rows.shape[1:]).index_add_(0, piece, rows)
 
 
-def packed_scan(module, own, log_decays, packed: Packed, start=None, reverse=False):
+def packed_scan(module, own, log_decays, packed: Packed, start=None, reverse=False, every=None, reach=None):
     """The scan of packed pieces (the varlen pieces module's): own [S', H, F, dv] states, start [S, H, F, dv] or
-    None; forward, the state each piece starts from; reverse, the gradient of the state after each piece (as scan)."""
+    None; forward, the state each piece starts from; reverse, the gradient of the state after each piece (as scan).
+    decay=constant: own holds `every` sub-window states per piece ([S' * every, H, F, dv]) of the state passes'
+    `reach` bits (reach_bits), which the scan sums per piece."""
     h = own.shape[1]
     size, per_dim, block = _scan_blocks(own, log_decays)
-    out = torch.empty_like(own)
+    out = own.new_empty(packed.count, *own.shape[1:])
+    by_reach = {} if every is None else {"REACH": reach, "EVERY": every}
     module.scan[((packed.first.numel() - 1) * h, -(-size // block))](
-        own, log_decays, start, out, packed.cu, packed.first, h, size, *per_dim, BLOCK=block, REVERSE=reverse,
-        HAS_START=start is not None)
+        own, log_decays, start, out, packed.cu, packed.first, h, size, *per_dim, **by_reach, BLOCK=block,
+        REVERSE=reverse, HAS_START=start is not None)
     return out

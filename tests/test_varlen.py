@@ -2,6 +2,7 @@
 own with its own states [S, H, F, dv]. Forward and every gradient vs the float64 reference, per-sequence
 independence, both backward paths and several tiles, the op registration, errors. (The CPU reference path:
 test_scalar_decay.py.)"""
+import functools
 import itertools
 
 import pytest
@@ -10,8 +11,8 @@ from conftest import DEVICE, DTYPES
 from helpers import check_variant
 
 import lightgen
-from lightgen import launch
-from lightgen.verify import random_inputs, rel_err
+from lightgen import launch, reference
+from lightgen.verify import TOLERANCE, random_inputs, rel_err
 
 # empty (first, so its offset is 0 and the next starts at 0 too), one token, a partial chunk before a full
 # one (C = 32 on CPU, 64 on GPU), exactly two chunks, a partial one
@@ -62,6 +63,36 @@ def test_long_sequences_cut_into_pieces(spec, length, monkeypatch):
                         or handed(variant, kernel, *a))
     _check(spec, lengths=[0, *LENGTHS[1:], 0])
     assert passes == ["fwd_state", "bwd_state"]
+
+
+def test_pieces_windows_cut_over_programs(monkeypatch):
+    """decay=constant: each piece's state-pass window cut over several programs (launch.packed_state_split, 3
+    forced), a state per sub-window, the scan weighing and adding them. Pieces of 24 (forced): 50 as 24 + 24 + 2,
+    96 as four; sub-windows of 8 rows (of 1 in the piece of 2). Fast decays: head 0 reaches 18 tokens (three
+    sub-windows), head 1 reaches 4 (the others out of reach: not walked, not read), head 2 does not decay (every
+    one). From initial states, to the final ones, with an LRPE offset: output, final states and every gradient (the
+    initial states' too) against the float64 reference. In fp32 on every device: the test is about which tokens the
+    windows leave out (below 2**-40 there), not rounding."""
+    monkeypatch.setattr(launch, "piece_length", lambda variant, tokens, longest, heads, device: 24)
+    monkeypatch.setattr(launch, "packed_state_split", lambda variant, tokens, heads, device: 3)
+    attn = lightgen.compile("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32")
+    lengths = [0, 50, 7, 96, 0]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+    q, k, v, do, _, theta, _ = random_inputs(attn.variant, 1, sum(lengths), 3, torch.float32, DEVICE, seed=7)
+    slopes = torch.tensor([1.5, 6.0, 0.0], device=DEVICE)
+    start = torch.randn(len(lengths), 3, 32, 32, device=DEVICE)
+    dht = torch.randn_like(start)
+
+    def run(fn, work):
+        leaves = [t.to(work).clone().requires_grad_() for t in (q, k, v, theta, start)]
+        o, ht = fn(*leaves[:3], slopes=slopes.to(work), theta=leaves[3], initial_state=leaves[4], offset=1,
+                   output_final_state=True, cu_seqlens=cu)
+        return [o, ht, *torch.autograd.grad((o, ht), leaves, (do.to(work), dht.to(work)))]
+
+    got = run(attn, torch.float32)
+    expected = run(functools.partial(reference.quadratic, attn.variant), torch.float64)
+    for name, g, want in zip(("o", "ht", "dq", "dk", "dv", "dtheta", "dh0"), got, expected):
+        assert rel_err(g, want) < TOLERANCE[torch.float32], name
 
 
 def test_offsets_read_once_per_tensor():
