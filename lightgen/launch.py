@@ -335,6 +335,7 @@ def piece_length(variant, tokens: int, longest: int, heads: int, device) -> int:
 
 
 def _piece_rule(variant, tokens: int, heads: int, device) -> int:
+    """piece_length's length before the test against the longest sequence."""
     per_program = -(-tokens * heads // (_per_sm(variant) * _sm_count(device)))
     return max(1024, 1 << (per_program - 1).bit_length())
 
@@ -348,8 +349,8 @@ def packed_state_split(variant, tokens: int, heads: int, device) -> int:
     0.036 / 0.035 / 0.023; the call 0.438 / 1.600 -> 0.417 / 1.576 ms fwd / fwd+bwd."""
     if device.type != "cuda" or variant.decay != "constant":
         return 1
-    small = variant.state_rows * variant.dv <= SMALL_STATE
-    return min(2 * CONSTANT_STATE_CUTS if small else CONSTANT_STATE_CUTS, _piece_rule(variant, tokens, heads, device) // 1024)
+    most = 2 * CONSTANT_STATE_CUTS if variant.state_rows * variant.dv <= SMALL_STATE else CONSTANT_STATE_CUTS
+    return min(most, _piece_rule(variant, tokens, heads, device) // 1024)
 
 
 def state_split(variant, shape, segments, device) -> int:

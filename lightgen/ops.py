@@ -526,8 +526,9 @@ def _unpacked(pieces, cu_seqlens, cut=False):
 
 def _packed_handed_states(variant, kernel, x, y, log_decay, theta, offset, packed, start):
     """_handed_states of packed sequences' pieces (split.Packed), [S', H, F, dv]: the varlen pieces module's state
-    pass (each piece's own; not each sequence's last forward, first backward: no piece receives those), then the
-    scan over each sequence's pieces from start ([S, H, F, dv] or None)."""
+    pass (each piece's own; not each sequence's last forward, first backward: no piece receives those; under
+    decay=constant one per sub-window of each piece's window), then the scan over each sequence's pieces from start
+    ([S, H, F, dv] or None)."""
     module = build.load(variant, "varlen_pieces")
     reach = split.reach_bits(x.dtype)
     every = {}  # decay=constant: each piece's window over that many programs, a state each (launch.packed_state_split)
