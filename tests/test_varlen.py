@@ -132,7 +132,8 @@ def test_offsets_read_once_per_tensor():
 def test_piece_length_rule(monkeypatch):
     """Pieces as long as one SM's share of the tokens (all of them times the heads, over the SMs; four (pair, piece)s
     per SM under a learned decay, two for non-causal without decay at dv = 64), a power of two of at least 1024
-    tokens; only longer sequences are cut. Never on the CPU, nor non-causal with a decay."""
+    tokens; only longer sequences are cut. Never on the CPU, nor non-causal with a decay. And how many sub-windows
+    decay=constant's state passes cut each piece's window into."""
     monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
 
@@ -152,6 +153,19 @@ def test_piece_length_rule(monkeypatch):
     assert length([65536], "decay=none,noncausal,dk=64,dv=64", heads=32) == 8192  # two per SM at dv = 64
     assert length([65536], "decay=constant,noncausal,dk=128,dv=128") == 0  # (its two walks are never cut)
     assert length([]) == 0
+
+    def windows(spec="decay=constant,causal,dk=128,dv=128", tokens=65536, heads=16, device=cuda):
+        return launch.packed_state_split(lightgen.Variant.parse(spec), tokens, heads, device)
+
+    # decay=constant's state passes cut each piece's window into sub-windows of at least 1024 tokens, 8 at most
+    # (16 for states of 64 x 64 or less), as state_split cuts the batch path's pieces
+    assert windows() == 8  # pieces of 8K
+    assert windows(tokens=16384) == 2  # pieces of 2K
+    assert windows(tokens=1 << 20) == 8
+    assert windows("decay=constant,causal,dk=64,dv=64", tokens=1 << 20, heads=32) == 16
+    assert windows(tokens=4096) == 1
+    assert windows("decay=none,causal,dk=128,dv=128") == windows("decay=scalar,causal,dk=128,dv=128") == 1
+    assert windows(device=torch.device("cpu")) == 1
 
 
 def test_pieces_layout():
