@@ -226,6 +226,34 @@ def test_one_token_prompt_decodes_from_the_zero_state():
     torch.testing.assert_close(out[:, 1:], logits.argmax(-1), rtol=0, atol=0)
 
 
+def test_ragged_prompts_generate_as_each_alone():
+    """Prompts of different lengths (a list): one packed prefill (cu_seqlens), then the steps of all of them at once,
+    each at its own LRPE position; the tokens and each prompt's last logits are those of the prompt run alone. A
+    one-token prompt among them, and eos padding per row; the cache they leave is refused for a multi-token chunk."""
+    model = make_model(lrpe_layers=[0, 1])
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 256, (n,), generator=gen) for n in (7, 1, 12)]
+    out = model.generate(prompts, 9, greedy=True)
+    for prompt, row in zip(prompts, out):
+        assert torch.equal(row, model.generate(prompt[None], 9, greedy=True)[0])
+    logits, cache = generation.prefill_ragged(model, prompts)
+    for prompt, last in zip(prompts, logits):
+        torch.testing.assert_close(last, model(prompt[None])[0, -1], rtol=1e-4, atol=1e-4)
+    assert cache.position.tolist() == [7, 1, 12]
+    with pytest.raises(ValueError, match="^cache: its sequences stand at different positions"):
+        model(torch.zeros(3, 2, dtype=torch.long), cache=cache)
+    eos = int(out[0][8])  # the first prompt's second new token
+    stopped = model.generate(prompts, 9, greedy=True, eos_token_id=eos)
+    for row, free in zip(stopped, out):
+        hits = (free[-9:] == eos).nonzero()
+        end = len(free) - 9 + (int(hits[0]) + 1 if len(hits) else 9)
+        assert torch.equal(row[:end], free[:end]) and (row[end:] == eos).all()
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        model.generate([prompts[0], prompts[0][:0]], 3)
+    with pytest.raises(ValueError, match="list of 1-D LongTensors"):
+        model.generate([prompts[0][None]], 3)
+
+
 def test_sampling_is_seeded_and_respects_filters():
     model = make_model()
     prompt = torch.randint(0, 256, (3, 4))
@@ -537,8 +565,10 @@ def test_packed_documents_attend_to_themselves(output_norm):
     separate = sum(model.loss(ids[:, a:b], ids[:, a + 1:b + 1]) * (b - a) for a, b in bounds) / 57
     for g, e in zip(grads, torch.autograd.grad(separate, list(model.parameters()))):
         assert rel_err(g, e) < 1e-4
-    with pytest.raises(ValueError, match="^cu_seqlens: packed documents are for the training form"):
-        model(ids[:, :-1], cache=generation.TNLCache.empty(len(model.layers)), cu_seqlens=cu)
+    used = generation.TNLCache.empty(len(model.layers))
+    used.position = 3
+    with pytest.raises(ValueError, match="^cu_seqlens: packed prompts fill a fresh cache"):
+        model(ids[:, :-1], cache=used, cu_seqlens=cu)
     model.layers[0].token_mixer.sequence_parallel = lambda attn, q, k, v, **kw: attn(q, k, v, **kw)
     with pytest.raises(ValueError, match="^cu_seqlens: packed documents are not split across ranks"):
         model(ids[:, :-1], cu_seqlens=cu)

@@ -19,13 +19,19 @@ import torch
 
 @dataclass
 class TNLCache:
-    """Per-layer attention states and the position of the next token."""
+    """Per-layer attention states and the position of the next token: one int for every sequence, or a tensor [B]
+    (ragged prompts, prefill_ragged: each sequence at its own)."""
     states: list = field(default_factory=list)
-    position: int = 0
+    position: int | torch.Tensor = 0
 
     @classmethod
     def empty(cls, num_layers: int) -> "TNLCache":
         return cls(states=[None] * num_layers)
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing read into it yet."""
+        return isinstance(self.position, int) and self.position == 0 and all(s is None for s in self.states)
 
 
 def recurrent_step(step, q, k, v, state, position: int):
@@ -36,12 +42,13 @@ def recurrent_step(step, q, k, v, state, position: int):
     return step(q, k, v, state, position=position).float(), state
 
 
-def chunk_with_state(attend, q, k, v, state, start: int):
+def chunk_with_state(attend, q, k, v, state, start: int, **packed):
     """A chunk of tokens at positions start.. with the state of those before it, in one kernel call.
 
     attend(q, k, v, **states) is the layer's lightgen attention, which takes the incoming state and
-    returns the outgoing one. q, k, v [B, C, H, d] -> (o [B, C, H, d] fp32, new state)."""
-    o, new_state = attend(q, k, v, initial_state=state, output_final_state=True, offset=start)
+    returns the outgoing one. q, k, v [B, C, H, d] -> (o [B, C, H, d] fp32, new state). packed: cu_seqlens, for
+    ragged prompts packed in one row (B = 1; state None, start 0): the new state is one per prompt."""
+    o, new_state = attend(q, k, v, initial_state=state, output_final_state=True, offset=start, **packed)
     return o.float(), new_state
 
 
@@ -60,6 +67,18 @@ def prefill(model, input_ids, cache: TNLCache | None = None, chunk_size: int | N
         pieces.append(logits if all_logits else logits[:, -1:])
     logits = torch.cat(pieces, dim=1) if all_logits else pieces[-1][:, -1]
     return logits, cache
+
+
+@torch.no_grad()
+def prefill_ragged(model, prompts):
+    """Read prompts of different lengths (1-D LongTensors, each at least one token) into a fresh cache in one packed
+    call (the kernels' cu_seqlens: no padding, each prompt attends to itself). Returns (logits of each prompt's last
+    token [S, V], cache of S sequences, each at the position after its prompt)."""
+    lengths = [len(p) for p in prompts]
+    offsets = torch.tensor([0, *lengths], device=prompts[0].device).cumsum(0).to(torch.int32)
+    cache = TNLCache.empty(model.config.num_layers)
+    logits = model(torch.cat(list(prompts))[None], cache=cache, cu_seqlens=offsets)
+    return logits[0, (offsets[1:] - 1).long()], cache
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
@@ -82,9 +101,18 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
 
 
 def _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError("input_ids: expected a LongTensor of shape [batch, length]")
-    if input_ids.shape[1] < 1:
+    if isinstance(input_ids, (list, tuple)):  # ragged prompts
+        if not input_ids or not all(isinstance(p, torch.Tensor) and p.dim() == 1 and p.dtype == torch.long
+                                    for p in input_ids):
+            raise ValueError("input_ids: expected a LongTensor [batch, length] or a non-empty list of 1-D "
+                             "LongTensors (prompts of different lengths)")
+        if min(len(p) for p in input_ids) < 1:
+            raise ValueError("input_ids: every prompt needs at least one token")
+        if len({p.device for p in input_ids}) > 1:
+            raise ValueError("input_ids: the prompts are on different devices")
+    elif not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError("input_ids: expected a LongTensor of shape [batch, length] or a list of 1-D LongTensors")
+    elif input_ids.shape[1] < 1:
         raise ValueError("input_ids: the prompt needs at least one token")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 0")
@@ -99,16 +127,27 @@ def _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p):
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
              do_sample=None, eos_token_id=None, generator=None):
-    """Prompt [B, N] -> [B, N + new]: chunked parallel prefill, then one recurrent step per token.
+    """Prompt [B, N] -> [B, N + new]: chunked parallel prefill, then one recurrent step per token. Prompts of
+    different lengths, a list of 1-D LongTensors: one packed prefill (prefill_ragged), then the steps of all of them
+    at once, each at its own position; returns a list, each prompt followed by its new tokens.
 
     greedy=True (or do_sample=False) takes the argmax; otherwise samples with temperature, top_k,
     top_p. Rows that produced eos_token_id are padded with it; generation stops once all have."""
     _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p)
     if do_sample is not None:
         greedy = not do_sample
-    logits, cache = prefill(model, input_ids)
-    tokens = [input_ids]
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    ragged = isinstance(input_ids, (list, tuple))
+    logits, cache = prefill_ragged(model, input_ids) if ragged else prefill(model, input_ids)
+    new = _decode(model, logits, cache, max_new_tokens, temperature, top_k, top_p, greedy, eos_token_id, generator)
+    if ragged:
+        return [torch.cat([prompt, row]) for prompt, row in zip(input_ids, new)]
+    return torch.cat([input_ids, new], dim=1)
+
+
+def _decode(model, logits, cache, max_new_tokens, temperature, top_k, top_p, greedy, eos_token_id, generator):
+    """generate's tokens after the prompt [B, new], from the logits of each prompt's last token [B, V]."""
+    tokens = [logits.new_empty(logits.shape[0], 0, dtype=torch.long)]
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator)
         if eos_token_id is not None:

@@ -138,15 +138,18 @@ class GLA(nn.Module):
             return self.out_proj(o.reshape(b, n, -1))
         if cache is None:
             o = self._attend(q, k, v, **packed)
-        elif n == 1:
+        elif n == 1 and not packed:
             state = cache.states[self.layer]
             if state is None:  # a one-token prompt: decoding starts from the zero state
                 state = self.attn.new_state(b, q.shape[2], q.device)
             o, cache.states[self.layer] = recurrent_step(self._step, q[:, 0], k[:, 0], v[:, 0], state, cache.position)
             o = o[:, None]
         else:
+            if isinstance(cache.position, torch.Tensor):
+                raise ValueError("cache: its sequences stand at different positions (ragged prompts); continue them "
+                                 "one token at a time")
             o, cache.states[self.layer] = chunk_with_state(
-                self._attend, q, k, v, cache.states[self.layer], cache.position)
+                self._attend, q, k, v, cache.states[self.layer], cache.position, **packed)
         o = self._epilogue(o, u)
         return self.out_proj(o.reshape(b, n, -1).to(u.dtype))
 

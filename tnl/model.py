@@ -56,17 +56,21 @@ class TNLForCausalLM(nn.Module):
         sequence (chunked prefill for N > 1, the recurrent step for N == 1) and the cache advances.
         cu_seqlens (int32 [S + 1], B = 1): input_ids holds S documents back to back (their offsets, as
         flash-attn's), and each attends only to itself, from LRPE position 0 (the kernels' packed sequences:
-        a pack with a long document runs at the speed of one long sequence). Training form only."""
-        if cu_seqlens is not None and cache is not None:
-            raise ValueError("cu_seqlens: packed documents are for the training form; generation (cache) takes "
-                             "one sequence per batch row")
+        a pack with a long document runs at the speed of one long sequence). With a fresh cache, the prefill of S
+        prompts of different lengths (generation.prefill_ragged): the cache then holds S sequences, each at its
+        own position."""
+        if cu_seqlens is not None and cache is not None and not cache.fresh:
+            raise ValueError("cu_seqlens: packed prompts fill a fresh cache (generation.prefill_ragged); a cache in "
+                             "use takes one sequence per batch row")
         x = self.embed_tokens(input_ids) * self.embed_scale
         for block in self.layers:
             if self.gradient_checkpointing and cache is None and torch.is_grad_enabled():
                 x = checkpoint(block, x, None, cu_seqlens, use_reentrant=False)
             else:
                 x = block(x, cache, cu_seqlens)
-        if cache is not None:
+        if cache is not None and cu_seqlens is not None:
+            cache.position = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # each prompt's next position
+        elif cache is not None:
             cache.position += input_ids.shape[1]
         return self.lm_head(self.final_norm(x))
 
