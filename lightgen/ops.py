@@ -538,8 +538,9 @@ def _packed_handed_states(variant, kernel, x, y, log_decay, theta, offset, packe
     own = torch.empty(_state_shape(variant, count, x.shape[2]), device=x.device, dtype=torch.float32)
     _launch(module, variant, kernel, x, "BV", (x, y, own, log_decay, theta), offset, 1, packed.cu, batch=count,
             packed=packed, HAS_FINAL=True, REACH=reach, **every)
-    return split.packed_scan(module, own, split.packed_log_decays(variant, log_decay, packed), packed, start,
-                             reverse=kernel == "bwd_state", every=every.get("EVERY"), reach=reach)
+    decays = split.packed_log_decays(module, variant, log_decay, packed)
+    return split.packed_scan(module, own, decays, packed, start, reverse=kernel == "bwd_state",
+                             every=every.get("EVERY"), reach=reach)
 
 
 def _whole(t, b, n):

@@ -39,6 +39,10 @@ REACH_MARGIN_BITS = 16
 # their latencies overlap (a walk that loads one piece at a time waits one memory latency per piece)
 SCAN_UNROLL = 8
 
+# packed_log_decays sums each piece's g in this many parts at once, then adds the parts (a piece of 8K tokens of
+# decay=vector's H * dk = 2048 columns is 64 MB: one program per piece and column block would walk 4 MB alone)
+PIECE_SUM_PARTS = 8
+
 # State entries per scan program (4 warps: 8 per thread). Measured on H100 (TNL, bf16, 65,536 tokens, H * D = 2048,
 # session 17), GPU us of one scan by entries per program 256 / 512 / 1024 / 2048 (8 warps): D = 128, 64K: 11.1 / 8.4 /
 # 6.6 / 6.9; 32K: 9.6 / 6.9 / 5.1 / 5.1; 16K: 8.2 / 5.5 / 4.1 / 4.2. D = 64, 64K: 3.6 / 3.5 / 2.8 / 3.4. Fewer, longer
@@ -146,16 +150,19 @@ def unpack_pieces(pieces: torch.Tensor, sequences: int) -> Packed:
     return Packed(*pieces.split([count + 1, count + 1, sequences + 1, count]))
 
 
-def packed_log_decays(variant, log_decay, packed: Packed) -> torch.Tensor | None:
+def packed_log_decays(module, variant, log_decay, packed: Packed) -> torch.Tensor | None:
     """The log decays as the packed scan takes them: per head [H] under decay=constant (the scan multiplies by each
     piece's length), None without decay; under learned decays the sums over each piece's tokens, [S', H] ([S', H, dk]
-    under vector), in fp32."""
+    under vector), in fp32, in token order (the varlen pieces module's piece_sums: deterministic)."""
     if not variant.learned_decay:
         return log_decay
-    rows = log_decay[0]  # [T, H(, dk)]
-    tokens = torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32)
-    piece = torch.searchsorted(packed.cu[1:], tokens, right=True)  # each token's piece (empty ones hold none)
-    return rows.new_zeros(packed.count, *rows.shape[1:]).index_add_(0, piece, rows)
+    rows = log_decay[0].reshape(log_decay.shape[1], -1).float().contiguous()  # [T, H (* dk)]
+    cols = rows.shape[1]
+    parts = rows.new_empty(PIECE_SUM_PARTS, packed.count, *log_decay.shape[2:])
+    block = min(128, 1 << (cols - 1).bit_length())
+    module.piece_sums[(packed.count, -(-cols // block), PIECE_SUM_PARTS)](
+        rows, packed.cu, parts, cols, ROWS=max(16, 4096 // block), BLOCK=block)
+    return parts.sum(0)
 
 
 def packed_scan(module, own, log_decays, packed: Packed, start=None, reverse=False, every=None, reach=None):

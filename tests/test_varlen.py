@@ -95,6 +95,28 @@ def test_pieces_windows_cut_over_programs(monkeypatch):
         assert rel_err(g, want) < TOLERANCE[torch.float32], name
 
 
+@pytest.mark.parametrize("spec, dims", [("decay=scalar,causal,dk=16,dv=16", ()),
+                                         ("decay=vector,causal,dk=64,dv=16", (64,))])
+def test_learned_decays_summed_per_piece(spec, dims):
+    """split.packed_log_decays: each piece's sum of g over its tokens, in token order by one program per piece, column
+    block and part of the piece, the parts then added (the varlen pieces module's piece_sums; an index_add's atomics
+    would add in any order): against float64 sums, empty pieces and pieces shorter than the parts included, 3 heads
+    of 64 key dims as two column blocks; the same bits on a second run."""
+    from lightgen import build, split
+
+    variant = lightgen.Variant.parse(spec)
+    offsets = [0, 0, 45, 45, 300, 301]
+    packed = split.unpack_pieces(split.packed_pieces(offsets, 40, DEVICE), len(offsets) - 1)
+    g = -torch.rand(1, offsets[-1], 3, *dims, device=DEVICE)
+    module = build.load(variant, "varlen_pieces")
+    sums = split.packed_log_decays(module, variant, g, packed)
+    cu = packed.cu.tolist()
+    expected = torch.stack([g[0, a:b].double().sum(0) for a, b in zip(cu, cu[1:])])
+    assert sums.shape == (packed.count, 3, *dims) and packed.count == 2 + 2 + 7 + 1
+    assert rel_err(sums, expected) < 1e-6
+    assert torch.equal(split.packed_log_decays(module, variant, g, packed), sums)
+
+
 def test_offsets_read_once_per_tensor():
     """The offsets are read on the host (a device sync) once per cu_seqlens tensor: again only after an in-place
     write, which the next call follows; the entry goes with the tensor."""
