@@ -1,7 +1,8 @@
 """Packed sequences (cu_seqlens) on the GPU: lightgen with its long sequences cut into pieces, the same without
 (every sequence one program per head, as before session 25), fla-core's `chunk_simple_gla` with the same
-cu_seqlens, and the HBM floor, in one process. Non-causal decay=none (cut since session 25) runs without fla, whose
-kernel is causal.
+cu_seqlens (`chunk_gla` under decay=vector), and the HBM floor, in one process. Non-causal decay=none (cut since
+session 25) runs without fla, whose kernels are causal. Learned decays take g from verify.random_log_decays (a
+gradient in every contender); fla's Hopper guard is lifted as `lightgen bench` lifts it.
 
     PYTHONPATH=$PWD python -m tools.bench_varlen --json varlen.json
 
@@ -9,10 +10,10 @@ Each packing holds --tokens tokens (H * D = --hidden, bf16): one sequence; one l
 long-tailed mix (seeded); equal sequences as short as the pieces (nothing to cut). Times are eager ms (the least
 of three do_bench medians; lightgen's call reads the offsets on the host, fla is handed them on the host too,
 cu_seqlens_cpu) for the forward and the forward + backward, and each against the floor (q, k, v, o read or
-written once forward; q, k, v, dO, dq, dk, dv backward, at the copy rate of the same run). lightgen's pieces are
-checked against its unsplit run and fla's output (relative Frobenius difference of o and the gradients). Each
-contender's kernels are also timed alone (the sum of their GPU times in one fwd+bwd, torch.profiler): eager time
-less that is the host's.
+written once forward; q, k, v, dO, dq, dk, dv backward; g read, and dg written, too; at the copy rate of the same
+run). lightgen's pieces are checked against its unsplit run and fla's output (relative Frobenius difference of o and
+the gradients). Each contender's kernels are also timed alone (the sum of their GPU times in one fwd+bwd,
+torch.profiler): eager time less that is the host's.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 import lightgen
 from lightgen import bench, launch
 from lightgen.spec import tnl_slopes
-from lightgen.verify import rel_err
+from lightgen.verify import random_log_decays, rel_err
 
 
 def packings(tokens: int, seed: int = 0) -> dict[str, list[int]]:
@@ -43,7 +44,7 @@ def packings(tokens: int, seed: int = 0) -> dict[str, list[int]]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", default="decay=constant,causal,dk=128,dv=128",
-                   help="causal with decay none or constant, or non-causal decay=none; no LRPE, identity phi")
+                   help="causal (any decay), or non-causal decay=none; no LRPE, identity phi")
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--hidden", type=int, default=2048, help="H * D")
     p.add_argument("--packings", help=f"comma-separated subset of {', '.join(packings(1 << 16))}")
@@ -61,30 +62,36 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     attn = lightgen.compile(args.spec)
     variant = attn.variant
-    if variant.learned_decay or variant.lrpe != "none" or variant.phi_name != "identity" or variant.epilogue or \
+    if variant.lrpe != "none" or variant.phi_name != "identity" or variant.epilogue or \
             not (variant.causal or variant.whole_state):
-        raise SystemExit(f"--spec {args.spec}: expected a causal variant with decay none or constant, or non-causal "
-                         f"decay=none, without LRPE, a feature map or an epilogue (the math fla's chunk_simple_gla computes, "
-                         f"and the non-causal variant that packed calls cut)")
+        raise SystemExit(f"--spec {args.spec}: expected a causal variant, or non-causal decay=none, without LRPE, a "
+                         f"feature map or an epilogue (the math fla's chunk_simple_gla / chunk_gla compute, and the "
+                         f"non-causal variant that packed calls cut)")
     heads = args.hidden // variant.dk
     copy_rate = bench.copy_bandwidth()
-    ours_decay, fla_decay = {}, {}
-    if variant.decay == "constant":
-        slopes = torch.tensor(tnl_slopes(heads), device="cuda")
-        ours_decay, fla_decay = {"slopes": slopes}, {"g_gamma": -slopes}
-    if variant.causal:
-        from fla.ops.simple_gla import chunk_simple_gla
+    slopes = torch.tensor(tnl_slopes(heads), device="cuda") if variant.decay == "constant" else None
+    g = None
+    if variant.learned_decay:
+        dims = variant.dk if variant.decay == "vector" else None
+        g = random_log_decays(1, args.tokens, heads, torch.Generator().manual_seed(0), dims=dims).cuda()
+        bench.lift_fla_hopper_guard()
+    ours_decay, fla_decay = bench._decays(variant, slopes, g)
+    if variant.decay == "vector":
+        from fla.ops.gla import chunk_gla as fla_chunk
+    elif variant.causal:
+        from fla.ops.simple_gla import chunk_simple_gla as fla_chunk
     else:
-        print("fla: not run (chunk_simple_gla is causal only)")
+        print("fla: not run (its kernels are causal only)")
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape = (1, args.tokens, heads)
     q, k = (torch.randn(*shape, variant.dk, device="cuda", generator=gen, dtype=torch.bfloat16) * variant.dk ** -0.25
             for _ in range(2))
     v, do = (torch.randn(*shape, variant.dv, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2))
-    leaves = [t.requires_grad_() for t in (q, k, v)]
+    leaves = [t.requires_grad_() for t in (q, k, v, *([] if g is None else [g]))]
     unit = args.tokens * args.hidden * 2 / copy_rate * 1e3  # ms of one [T, H * D] bf16 pass at the copy rate
-    floor = {"fwd": 4 * unit, "fwdbwd": 11 * unit}
+    g_unit = 0.0 if g is None else g.numel() * 4 / copy_rate * 1e3  # g (fp32): read forward; read, dg written backward
+    floor = {"fwd": 4 * unit + g_unit, "fwdbwd": 11 * unit + 3 * g_unit}
     rows = []
     for name, lengths in packings(args.tokens).items():
         if name not in args.packings:
@@ -100,8 +107,8 @@ def main(argv=None) -> None:
             "lightgen unsplit": lambda: _unsplit(lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay)),
         }
         if variant.causal:
-            calls["fla"] = lambda: chunk_simple_gla(q, k, v, scale=variant.scale, cu_seqlens=cu_long,
-                                                    cu_seqlens_cpu=cu_cpu, **fla_decay)[0]
+            calls["fla"] = lambda: fla_chunk(q, k, v, scale=variant.scale, cu_seqlens=cu_long, cu_seqlens_cpu=cu_cpu,
+                                             **fla_decay)[0]
         row = {"packing": name, "sequences": len(lengths), "longest": max(lengths), "piece_length": length}
         for who, fn in calls.items():
             row[who] = {"fwd_ms": bench.eager_time(fn), "fwdbwd_ms": bench.eager_time(fn, grad_of=leaves, do=do)}
