@@ -63,10 +63,9 @@ def prefill(model, input_ids, cache: TNLCache | None = None, chunk_size: int | N
     cache = cache if cache is not None else TNLCache.empty(model.config.num_layers)
     pieces = []
     for begin in range(0, input_ids.shape[1], chunk_size):
-        logits = model(input_ids[:, begin:begin + chunk_size], cache=cache)
-        pieces.append(logits if all_logits else logits[:, -1:])
-    logits = torch.cat(pieces, dim=1) if all_logits else pieces[-1][:, -1]
-    return logits, cache
+        hidden = model.hidden_states(input_ids[:, begin:begin + chunk_size], cache=cache)
+        pieces.append(hidden if all_logits else hidden[:, -1:])
+    return model.lm_head(torch.cat(pieces, dim=1) if all_logits else pieces[-1][:, -1]), cache
 
 
 @torch.no_grad()
@@ -77,8 +76,8 @@ def prefill_ragged(model, prompts):
     lengths = [len(p) for p in prompts]
     offsets = torch.tensor([0, *lengths], device=prompts[0].device).cumsum(0).to(torch.int32)
     cache = TNLCache.empty(model.config.num_layers)
-    logits = model(torch.cat(list(prompts))[None], cache=cache, cu_seqlens=offsets)
-    return logits[0, (offsets[1:] - 1).long()], cache
+    hidden = model.hidden_states(torch.cat(list(prompts))[None], cache=cache, cu_seqlens=offsets)
+    return model.lm_head(hidden[0, (offsets[1:] - 1).long()]), cache
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):

@@ -59,6 +59,11 @@ class TNLForCausalLM(nn.Module):
         a pack with a long document runs at the speed of one long sequence). With a fresh cache, the prefill of S
         prompts of different lengths (generation.prefill_ragged): the cache then holds S sequences, each at its
         own position."""
+        return self.lm_head(self.hidden_states(input_ids, cache, cu_seqlens))
+
+    def hidden_states(self, input_ids, cache: generation.TNLCache | None = None, cu_seqlens=None):
+        """forward without the lm head: the final norm's output [B, N, hidden] (a prefill takes the logits of its
+        last tokens only, where [N, vocab] of a long prompt and a large vocabulary would be big)."""
         if cu_seqlens is not None and cache is not None and not cache.fresh:
             raise ValueError("cu_seqlens: packed prompts fill a fresh cache (generation.prefill_ragged); a cache in "
                              "use takes one sequence per batch row")
@@ -72,7 +77,7 @@ class TNLForCausalLM(nn.Module):
             cache.position = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # each prompt's next position
         elif cache is not None:
             cache.position += input_ids.shape[1]
-        return self.lm_head(self.final_norm(x))
+        return self.final_norm(x)
 
     def loss(self, input_ids, targets, cu_seqlens=None):
         """Mean next-token cross-entropy; targets[:, t] is the token after input_ids[:, t]. cu_seqlens: packed
