@@ -34,8 +34,9 @@ class TNLCache:
         return isinstance(self.position, int) and self.position == 0 and all(s is None for s in self.states)
 
 
-def recurrent_step(step, q, k, v, state, position: int):
-    """One token per sequence at `position`: q, k, v [B, H, d] raw projections -> (o [B, H, d] fp32, state).
+def recurrent_step(step, q, k, v, state, position: int | torch.Tensor):
+    """One token per sequence at `position` (an int, or one per sequence [B]): q, k, v [B, H, d] raw projections ->
+    (o [B, H, d] fp32, state).
 
     step(q, k, v, state, position=) is the layer's lightgen decode step (the fused kernel on a GPU or
     under Triton's interpreter, lightgen's PyTorch reference elsewhere); it updates `state` in place."""
