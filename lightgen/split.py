@@ -118,6 +118,7 @@ class Packed(NamedTuple):
     seq_start: torch.Tensor  # [S' + 1]: the row where each piece's sequence starts (-1 past the last)
     first: torch.Tensor  # [S + 1]: sequence s's pieces are first[s] .. first[s + 1] - 1 (at least one: an empty one)
     order: torch.Tensor  # [S']: the pieces, longest first (the order their programs are launched in)
+    seq: torch.Tensor | None = None  # [S' + 1]: each piece's sequence (-1 past the last)
 
     @property
     def count(self) -> int:
@@ -132,22 +133,23 @@ def packed_pieces(offsets: list[int], length: int, device) -> torch.Tensor:
     """Packed sequences (their offsets, as cu_seqlens) as pieces of `length` tokens (0: each whole), as one int32
     tensor for the op (unpack_pieces reads it): a sequence's last piece is what is left, an empty sequence one empty
     piece."""
-    cuts, starts, first = [], [], [0]
-    for start, end in zip(offsets, offsets[1:]):
+    cuts, starts, first, seq = [], [], [0], []
+    for s, (start, end) in enumerate(zip(offsets, offsets[1:])):
         here = range(start, end, length) if length else []
         here = here or [start]
         cuts.extend(here)
         starts.extend([start] * len(here))
         first.append(len(cuts))
+        seq.extend([s] * len(here))
     cuts.append(offsets[-1])
     order = sorted(range(len(cuts) - 1), key=lambda i: cuts[i] - cuts[i + 1])  # (stable: ties in packed order)
-    return torch.tensor(cuts + starts + [-1] + first + order, dtype=torch.int32).to(device)
+    return torch.tensor(cuts + starts + [-1] + first + order + seq + [-1], dtype=torch.int32).to(device)
 
 
 def unpack_pieces(pieces: torch.Tensor, sequences: int) -> Packed:
     """packed_pieces' tensor as views (sequences: S)."""
-    count = (pieces.numel() - sequences - 3) // 3
-    return Packed(*pieces.split([count + 1, count + 1, sequences + 1, count]))
+    count = (pieces.numel() - sequences - 4) // 4
+    return Packed(*pieces.split([count + 1, count + 1, sequences + 1, count, count + 1]))
 
 
 def packed_log_decays(module, variant, log_decay, packed: Packed) -> torch.Tensor | None:
@@ -169,12 +171,16 @@ def packed_scan(module, own, log_decays, packed: Packed, start=None, reverse=Fal
     """The scan of packed pieces (the varlen pieces module's): own [S', H, F, dv] states, start [S, H, F, dv] or
     None; forward, the state each piece starts from; reverse, the gradient of the state after each piece (as scan).
     decay=constant: own holds `every` sub-window states per piece ([S' * every, H, F, dv]) of the state passes'
-    `reach` bits (reach_bits), which the scan sums per piece."""
+    `reach` bits (reach_bits), which the scan sums per piece, a program per piece (each walks only as far as the
+    head's reach); else a program per sequence walks its pieces in order."""
     h = own.shape[1]
     size, per_dim, block = _scan_blocks(own, log_decays)
     out = own.new_empty(packed.count, *own.shape[1:])
-    by_reach = {} if every is None else {"REACH": reach, "EVERY": every}
-    module.scan[((packed.first.numel() - 1) * h, -(-size // block))](
-        own, log_decays, start, out, packed.cu, packed.first, h, size, *per_dim, **by_reach, BLOCK=block,
-        REVERSE=reverse, HAS_START=start is not None)
+    blocks, flags = -(-size // block), dict(BLOCK=block, REVERSE=reverse, HAS_START=start is not None)
+    if every is None:
+        module.scan[((packed.first.numel() - 1) * h, blocks)](
+            own, log_decays, start, out, packed.cu, packed.first, h, size, *per_dim, **flags)
+    else:
+        module.scan[(packed.count * h, blocks)](
+            own, log_decays, start, out, packed.cu, packed.seq, h, size, reach, EVERY=every, **flags)
     return out

@@ -70,17 +70,18 @@ def test_pieces_windows_cut_over_programs(monkeypatch):
     forced), a state per sub-window, the scan weighing and adding them. Pieces of 24 (forced): 50 as 24 + 24 + 2,
     96 as four; sub-windows of 8 rows (of 1 in the piece of 2). Fast decays: head 0 reaches 18 tokens (three
     sub-windows), head 1 reaches 4 (the others out of reach: not walked, not read), head 2 does not decay (every
-    one). From initial states, to the final ones, with an LRPE offset: output, final states and every gradient (the
-    initial states' too) against the float64 reference. In fp32 on every device: the test is about which tokens the
-    windows leave out (below 2**-40 there), not rounding."""
+    one: the scan's programs walk back to the sequence's edge and its initial state), head 3 reaches 34 (the scan
+    walks two pieces, decaying the second). From initial states, to the final ones, with an LRPE offset: output,
+    final states and every gradient (the initial states' too) against the float64 reference. In fp32 on every
+    device: the test is about which tokens the windows leave out (below 2**-40 there), not rounding."""
     monkeypatch.setattr(launch, "piece_length", lambda variant, tokens, longest, heads, device: 24)
     monkeypatch.setattr(launch, "packed_state_split", lambda variant, tokens, heads, device: 3)
     attn = lightgen.compile("decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=32")
     lengths = [0, 50, 7, 96, 0]
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
-    q, k, v, do, _, theta, _ = random_inputs(attn.variant, 1, sum(lengths), 3, torch.float32, DEVICE, seed=7)
-    slopes = torch.tensor([1.5, 6.0, 0.0], device=DEVICE)
-    start = torch.randn(len(lengths), 3, 32, 32, device=DEVICE)
+    q, k, v, do, _, theta, _ = random_inputs(attn.variant, 1, sum(lengths), 4, torch.float32, DEVICE, seed=7)
+    slopes = torch.tensor([1.5, 6.0, 0.0, 0.8], device=DEVICE)
+    start = torch.randn(len(lengths), 4, 32, 32, device=DEVICE)
     dht = torch.randn_like(start)
 
     def run(fn, work):
@@ -193,7 +194,7 @@ def test_piece_length_rule(monkeypatch):
 def test_pieces_layout():
     """split.packed_pieces: each sequence cut at multiples of the length from its start, an empty one as one empty
     piece; where each piece's sequence starts (-1 past the last); each sequence's first piece; the pieces longest
-    first (ties in packed order). Length 0: none cut."""
+    first (ties in packed order); each piece's sequence (-1 past the last). Length 0: none cut."""
     from lightgen import split
 
     packed = split.unpack_pieces(split.packed_pieces([0, 0, 5, 25, 26], 8, "cpu"), 4)
@@ -201,6 +202,7 @@ def test_pieces_layout():
     assert packed.seq_start.tolist() == [0, 0, 5, 5, 5, 25, -1]
     assert packed.first.tolist() == [0, 1, 2, 5, 6]
     assert packed.order.tolist() == [2, 3, 1, 4, 5, 0]
+    assert packed.seq.tolist() == [0, 1, 2, 2, 2, 3, -1]
     assert packed.count == 6 and packed.cut
     whole = split.unpack_pieces(split.packed_pieces([0, 0, 5, 25, 26], 0, "cpu"), 4)
     assert whole.cu.tolist() == [0, 0, 5, 25, 26] and whole.first.tolist() == [0, 1, 2, 3, 4]
