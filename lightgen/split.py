@@ -16,7 +16,8 @@ below 2**-reach_bits(dtype) are left out. For the TNL slopes the state passes th
 
 Packed sequences (cu_seqlens) are cut the same way, into pieces of one length (a sequence's last piece shorter),
 which the varlen kernels run as packed sequences of their own (Packed: where each piece is, which are whose, and
-the longest first); the scan then walks each sequence's pieces.
+the longest first); the scan then walks each sequence's pieces (under decay=constant, each piece's program only
+its neighbours within the head's reach).
 
 Here: the views, and the scans over pieces (a kernel of the pieces module: a walk over the P pieces'
 [F, dv] fp32 states in order, which are small next to q, k, v, and exponentiates the pieces' decays
