@@ -308,8 +308,9 @@ def segments(variant, shape, dtype, device) -> int:
     the pieces only q), so at dv = 64, whose programs run two to an SM, it goes on to two (pair, piece)s per SM
     (session 24, graph fwd / fwd+bwd by pieces: 16K 1: 0.413 / 1.361, 2: 0.371 / 1.117, 4: 0.381 / 1.158; 64K 4:
     0.417 / 1.301, 8: 0.373 / 1.130, 16: 0.394 / 1.193); at dv = 128, one (16K 2: 0.379 / 1.161, 4: 0.383 / 1.180;
-    64K 8: 0.387 / 1.188, 16: 0.403 / 1.245). (Pairs, not programs: the count must not depend on tuned tiles, so
-    that torch.compile can trace it.)"""
+    64K 8: 0.387 / 1.188, 16: 0.403 / 1.245). Non-causal with a decay (session 28) is split as the causal variants
+    are: each piece is handed a state from each side, two state passes and scans each way. (Pairs, not programs: the
+    count must not depend on tuned tiles, so that torch.compile can trace it.)"""
     if device.type != "cuda":
         return 1
     b, n, h, _ = shape

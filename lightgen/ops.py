@@ -93,7 +93,7 @@ class LinearAttention:
             initial_state = initial_state.to(torch.float32).contiguous()
         _check_position("offset", offset)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        splittable = (variant.causal or variant.whole_state) and cu_seqlens is None
+        splittable = cu_seqlens is None
         segments = launch.segments(variant, q.shape, q.dtype, q.device) if splittable else 1
         # packed sequences as the kernels run them (split.Packed): the longest first, and (causal, or non-causal
         # without decay) the long ones cut into pieces that run as packed sequences of their own (not under
@@ -506,16 +506,37 @@ def _handed_states(variant, kernel, x, y, log_decay, theta, offset, segments, st
     (start: the final state's, or None). The state passes run on pieces cut finer still (launch.state_split).
     Non-causal without decay: every piece's own state (or gradient), which the kernels sum over the sequence's pieces
     (the whole state: each piece's rows see them all; a state pass over all P pieces fills the GPU, none is left
-    out); else the scan, forward or reverse."""
+    out); else the scan, forward or reverse. Non-causal with a decay: a piece's two walks each start from a side,
+    so it is handed both, [2 * B * P, H, F, dv]: from its left (the forward scan of fwd_state over x, y) and from
+    its right (the reverse scan of bwd_state over them): the forward's k-v states, or the backward's q-dO ones."""
     if variant.whole_state:
         return _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments)[1]
+    if variant.causal:
+        return _scanned(variant, kernel, x, y, log_decay, theta, offset, segments, start)
+    sides = torch.empty(_state_shape(variant, 2 * x.shape[0] * segments, x.shape[2]), device=x.device,
+                        dtype=torch.float32)
+    left, right = sides.chunk(2)
+    _scanned(variant, "fwd_state", x, y, log_decay, theta, offset, segments, None, out=left)
+    _scanned(variant, "bwd_state", x, y, log_decay, theta, offset, segments, None, out=right)
+    # bwd_state folds the scale into its states (as the causal backward's gradients carry it), fwd_state does not (as
+    # the forward's states): the k-v states from the right lose it, the q-dO ones from the left gain it
+    if kernel == "fwd_state":
+        right.div_(variant.scale)
+    else:
+        left.mul_(variant.scale)
+    return sides
+
+
+def _scanned(variant, kernel, x, y, log_decay, theta, offset, segments, start, out=None):
+    """A state pass over pieces cut finer still, then the scan (forward for fwd_state, reverse for bwd_state) to one
+    state per piece (written into out where given)."""
     n = x.shape[1]
     finer = launch.state_split(variant, x.shape, segments, x.device)
     # the states the scan never uses are left out: each sequence's last pieces' forward, first pieces' backward
     module, own, decays, reach = _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments * finer,
                                                skip=finer, every=finer)
     return split.scan(module, own, decays, segments * finer, n // (segments * finer), start,
-                      reverse=kernel == "bwd_state", every=finer, reach=reach)
+                      reverse=kernel == "bwd_state", every=finer, reach=reach, out=out)
 
 
 def _unpacked(pieces, cu_seqlens, cut=False):
@@ -872,7 +893,9 @@ def _custom_ops(variant: Variant):
         elif keep:  # one state per sequence
             received = _state_like(variant, q, cu_seqlens)
         else:
-            received = _state_like(variant, split.as_pieces(q, segments)) if segments > 1 else q.new_empty(0)
+            sides = 1 if variant.causal or variant.whole_state else 2  # (non-causal with a decay: from both sides)
+            received = q.new_empty(0) if segments == 1 else torch.empty(
+                _state_shape(variant, sides * q.shape[0] * segments, q.shape[2]), device=q.device, dtype=torch.float32)
         return (torch.empty_like(v), (_state_like(variant, q, cu_seqlens) if output_final_state else q.new_empty(0)),
                 torch.empty_like(v) if variant.epilogue else q.new_empty(0), received)
 

@@ -81,7 +81,8 @@ def scan_log_decays(variant, log_decay, shape, segments) -> torch.Tensor | None:
     return log_decay.view(b * segments, n // segments, *log_decay.shape[2:]).sum(1)
 
 
-def scan(module, own, log_decays, segments, length, start=None, reverse=False, last=False, every=1, *, reach):
+def scan(module, own, log_decays, segments, length, start=None, reverse=False, last=False, every=1, *, reach,
+         out=None):
     """The pieces module's scan over [B * P, H, F, dv] states (see its comment), with start [B, H, F, dv]
     or None and the pieces' log decays d (scan_log_decays; `length` tokens per piece): forward, the state
     each piece starts from, E_(p-1) = exp(d_(p-1)) E_(p-2) + own_(p-1) from E_(-1) = start; reverse, the
@@ -90,11 +91,12 @@ def scan(module, own, log_decays, segments, length, start=None, reverse=False, l
     pieces of the kernels' pieces), and only each group's is returned ([B * P / every, H, F, dv]: the
     state it starts from; reverse, the gradient of the state after it). last (every = 1): also return where
     the walk ends ([B, H, F, dv]: the state after the last piece; reverse, the gradient of the state before
-    the first). reach: the state passes' reach_bits (decay=constant: the pieces they left empty are not read)."""
+    the first). reach: the state passes' reach_bits (decay=constant: the pieces they left empty are not read).
+    out: where the states go (contiguous, the returned shape), else a new tensor."""
     h = own.shape[1]
     b = own.shape[0] // segments
     size, per_dim, block = _scan_blocks(own, log_decays)
-    out = own.new_empty(b * (segments // every), *own.shape[1:])
+    out = own.new_empty(b * (segments // every), *own.shape[1:]) if out is None else out
     end = own.new_empty(b, *own.shape[1:]) if last else None
     # decay=constant (log decays per head): a head whose reach is at most a group computes each out_p apart
     outs = segments // every + last if log_decays is not None and log_decays.dim() == 1 else 1

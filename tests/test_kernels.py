@@ -93,6 +93,22 @@ def test_sequence_splitting_of_the_whole_state(spec, segments, finer, b, path, m
     assert passes == ["fwd_state", "bwd_state"]
 
 
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("segments,finer,b", [(2, 1, 1), (3, 2, 2)])
+@pytest.mark.parametrize("spec", ["decay=constant,noncausal,lrpe=d,phi=silu,dk=16,dv=32",
+                                  "decay=constant,noncausal,dk=32,dv=16,norm=srms,gate=silu"])
+def test_sequence_splitting_from_both_sides(spec, segments, finer, b, path, monkeypatch):
+    """Non-causal with a decay, cut into pieces (forced): each piece's forward walk starts from the state of the
+    tokens on its left, its reverse walk from those on its right (forward: k-v states; backward: q-dO ones), each
+    a state pass and a scan (the reverse scan of bwd_state for the right)."""
+    from lightgen import launch
+
+    passes = _forced_pieces(monkeypatch, segments, finer)
+    with launch.backward(path):
+        check_variant(lightgen.Variant.parse(spec), b=b, n=96, h=2, dtype=DTYPES[0], device=DEVICE, states=False)
+    assert passes == ["fwd_state", "bwd_state"] * 2
+
+
 @pytest.mark.parametrize("every", [1, 3, 10])  # 10: past the scan's unrolled loads (split.SCAN_UNROLL = 8)
 @pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
 def test_scan_is_the_sequential_recurrence(decay, every):
