@@ -230,6 +230,26 @@ def test_splitting_with_short_reaches(monkeypatch):
     assert rel_err(attn.state_gradient(q, do, slopes, theta, offset=1), sent) < TOLERANCE[q.dtype]
 
 
+def test_splitting_from_both_sides_with_short_reaches(monkeypatch):
+    """Non-causal with a decay, the state passes' windows cutting in on both sides of every boundary (the slopes of
+    the test above: reaches of 5 to 18 tokens, and a head without decay; 4 pieces of 24, each as 3 state pieces of
+    8): output and every gradient against the float64 reference, in fp32."""
+    from lightgen import launch
+
+    monkeypatch.setattr(launch, "segments", lambda variant, shape, dtype, device: 4)
+    monkeypatch.setattr(launch, "state_split", lambda variant, shape, segments, device: 3)
+    attn = lightgen.compile("decay=constant,noncausal,lrpe=d,phi=silu,dk=16,dv=32")
+    q, k, v, do, _, theta, _ = random_inputs(attn.variant, 2, 96, 3, torch.float32, DEVICE, seed=7)
+    slopes = torch.tensor([1.5, 6.0, 0.0], device=DEVICE)
+    results = []
+    for fn, work in ((attn, q.dtype), (functools.partial(reference.quadratic, attn.variant), torch.float64)):
+        leaves = [t.to(work).clone().requires_grad_() for t in (q, k, v, theta)]
+        o = fn(*leaves[:3], slopes=slopes.to(work), theta=leaves[3], offset=1)
+        results.append([o, *torch.autograd.grad(o, leaves, do.to(work))])
+    for name, g, want in zip(("o", "dq", "dk", "dv", "dtheta"), *results):
+        assert rel_err(g, want) < TOLERANCE[q.dtype], name
+
+
 @pytest.mark.parametrize("segments", [1, 3])
 def test_gradient_through_the_final_state_alone(segments, monkeypatch):
     """A loss that reads only the final state: o gets no gradient (None reaches the backward, no zeros
