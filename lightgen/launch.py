@@ -323,13 +323,13 @@ def _per_sm(variant) -> int:
 
 
 def piece_length(variant, tokens: int, longest: int, heads: int, device) -> int:
-    """Packed sequences (causal, or non-causal without decay): the length of the pieces that sequences longer than
+    """Packed sequences (every variant): the length of the pieces that sequences longer than
     it are cut into (0: none is cut). As segments(): a program walking a long sequence alone is the bound, so the
     pieces are as long as the tokens per SM (all the sequences' tokens times the heads, over (pair, piece)s per SM
     times the SMs: the work of one SM), a power of two of at least 1024 tokens; the short sequences fill the SMs the
     pieces leave. One sequence of 64K, 16 heads: pieces of 8K, as segments() cuts it. tokens: all the sequences';
     longest: the longest one's."""
-    if device.type != "cuda" or not (variant.causal or variant.whole_state):
+    if device.type != "cuda":
         return 0
     length = _piece_rule(variant, tokens, heads, device)
     return length if length < longest else 0

@@ -511,13 +511,21 @@ def _handed_states(variant, kernel, x, y, log_decay, theta, offset, segments, st
     its right (the reverse scan of bwd_state over them): the forward's k-v states, or the backward's q-dO ones."""
     if variant.whole_state:
         return _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments)[1]
+    scanned = functools.partial(_scanned, variant, x=x, y=y, log_decay=log_decay, theta=theta, offset=offset,
+                                segments=segments)
     if variant.causal:
-        return _scanned(variant, kernel, x, y, log_decay, theta, offset, segments, start)
-    sides = torch.empty(_state_shape(variant, 2 * x.shape[0] * segments, x.shape[2]), device=x.device,
-                        dtype=torch.float32)
+        return scanned(kernel, start=start)
+    return _from_both_sides(variant, kernel, scanned, x.shape[0] * segments, x)
+
+
+def _from_both_sides(variant, kernel, scanned, pieces, x):
+    """Non-causal with a decay: the states `pieces` pieces are handed from both sides, [2 * pieces, H, F, dv], those
+    from the left (scanned("fwd_state", ...): a state pass and the forward scan) then those from the right
+    (scanned("bwd_state", ...)), each written in place (out)."""
+    sides = torch.empty(_state_shape(variant, 2 * pieces, x.shape[2]), device=x.device, dtype=torch.float32)
     left, right = sides.chunk(2)
-    _scanned(variant, "fwd_state", x, y, log_decay, theta, offset, segments, None, out=left)
-    _scanned(variant, "bwd_state", x, y, log_decay, theta, offset, segments, None, out=right)
+    scanned("fwd_state", start=None, out=left)
+    scanned("bwd_state", start=None, out=right)
     # bwd_state folds the scale into its states (as the causal backward's gradients carry it), fwd_state does not (as
     # the forward's states): the k-v states from the right lose it, the q-dO ones from the left gain it
     if kernel == "fwd_state":
@@ -527,7 +535,7 @@ def _handed_states(variant, kernel, x, y, log_decay, theta, offset, segments, st
     return sides
 
 
-def _scanned(variant, kernel, x, y, log_decay, theta, offset, segments, start, out=None):
+def _scanned(variant, kernel, *, x, y, log_decay, theta, offset, segments, start, out=None):
     """A state pass over pieces cut finer still, then the scan (forward for fwd_state, reverse for bwd_state) to one
     state per piece (written into out where given)."""
     n = x.shape[1]
@@ -546,10 +554,19 @@ def _unpacked(pieces, cu_seqlens, cut=False):
 
 
 def _packed_handed_states(variant, kernel, x, y, log_decay, theta, offset, packed, start):
-    """_handed_states of packed sequences' pieces (split.Packed), [S', H, F, dv]: the varlen pieces module's state
-    pass (each piece's own; not each sequence's last forward, first backward: no piece receives those; under
-    decay=constant one per sub-window of each piece's window), then the scan over each sequence's pieces from start
-    ([S, H, F, dv] or None)."""
+    """_handed_states of packed sequences' pieces (split.Packed), [S', H, F, dv] ([2 * S', ...] from both sides
+    non-causal with a decay): the varlen pieces module's state pass (each piece's own; not each sequence's last
+    forward, first backward: no piece receives those; under decay=constant one per sub-window of each piece's
+    window), then the scan over each sequence's pieces from start ([S, H, F, dv] or None)."""
+    scanned = functools.partial(_packed_scanned, variant, x=x, y=y, log_decay=log_decay, theta=theta, offset=offset,
+                                packed=packed)
+    if variant.causal or variant.whole_state:
+        return scanned(kernel, start=start)
+    return _from_both_sides(variant, kernel, scanned, packed.count, x)
+
+
+def _packed_scanned(variant, kernel, *, x, y, log_decay, theta, offset, packed, start, out=None):
+    """_scanned of packed sequences' pieces."""
     module = build.load(variant, "varlen_pieces")
     reach = split.reach_bits(x.dtype)
     every = {}  # decay=constant: each piece's window over that many programs, a state each (launch.packed_state_split)
@@ -561,7 +578,7 @@ def _packed_handed_states(variant, kernel, x, y, log_decay, theta, offset, packe
             packed=packed, HAS_FINAL=True, REACH=reach, **every)
     decays = split.packed_log_decays(module, variant, log_decay, packed)
     return split.packed_scan(module, own, decays, packed, start, reverse=kernel == "bwd_state",
-                             every=every.get("EVERY"), reach=reach)
+                             every=every.get("EVERY"), reach=reach, out=out)
 
 
 def _whole(t, b, n):
@@ -888,14 +905,14 @@ def _custom_ops(variant: Variant):
     def _(q, k, v, log_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens=None, u=None,
           keep=False, pieces=None):
         packed = _unpacked(pieces, cu_seqlens, cut=True)
+        sides = 1 if variant.causal or variant.whole_state else 2  # (non-causal with a decay: from both sides)
         if packed is not None:  # one state per piece
-            received = _state_like(variant, q, packed.cu)
+            received = q.new_empty(_state_shape(variant, sides * packed.count, q.shape[2]), dtype=torch.float32)
         elif keep:  # one state per sequence
             received = _state_like(variant, q, cu_seqlens)
         else:
-            sides = 1 if variant.causal or variant.whole_state else 2  # (non-causal with a decay: from both sides)
-            received = q.new_empty(0) if segments == 1 else torch.empty(
-                _state_shape(variant, sides * q.shape[0] * segments, q.shape[2]), device=q.device, dtype=torch.float32)
+            received = q.new_empty(0) if segments == 1 else q.new_empty(
+                _state_shape(variant, sides * q.shape[0] * segments, q.shape[2]), dtype=torch.float32)
         return (torch.empty_like(v), (_state_like(variant, q, cu_seqlens) if output_final_state else q.new_empty(0)),
                 torch.empty_like(v) if variant.epilogue else q.new_empty(0), received)
 

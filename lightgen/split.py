@@ -170,15 +170,15 @@ def packed_log_decays(module, variant, log_decay, packed: Packed) -> torch.Tenso
     return parts.sum(0)
 
 
-def packed_scan(module, own, log_decays, packed: Packed, start=None, reverse=False, every=None, reach=None):
+def packed_scan(module, own, log_decays, packed: Packed, start=None, reverse=False, every=None, reach=None, out=None):
     """The scan of packed pieces (the varlen pieces module's): own [S', H, F, dv] states, start [S, H, F, dv] or
     None; forward, the state each piece starts from; reverse, the gradient of the state after each piece (as scan).
     decay=constant: own holds `every` sub-window states per piece ([S' * every, H, F, dv]) of the state passes'
     `reach` bits (reach_bits), which the scan sums per piece, a program per piece (each walks only as far as the
-    head's reach); else a program per sequence walks its pieces in order."""
+    head's reach); else a program per sequence walks its pieces in order. out: as scan's."""
     h = own.shape[1]
     size, per_dim, block = _scan_blocks(own, log_decays)
-    out = own.new_empty(packed.count, *own.shape[1:])
+    out = own.new_empty(packed.count, *own.shape[1:]) if out is None else out
     blocks, flags = -(-size // block), dict(BLOCK=block, REVERSE=reverse, HAS_START=start is not None)
     if every is None:
         module.scan[((packed.first.numel() - 1) * h, blocks)](

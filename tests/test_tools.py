@@ -329,7 +329,7 @@ def test_bench_sweep_names_a_wrong_variant(tmp_path):
 
 def test_bench_varlen_packings_and_spec_check():
     """tools/bench_varlen's packings hold exactly the tokens asked for, one of them a single sequence and one with
-    nothing to cut; a variant whose math fla's chunk_simple_gla / chunk_gla do not compute (but non-causal decay=none,
+    nothing to cut; a variant whose math fla's chunk_simple_gla / chunk_gla do not compute (but a non-causal one,
     which runs without fla) is refused by name."""
     from tools import bench_varlen
 
@@ -337,7 +337,7 @@ def test_bench_varlen_packings_and_spec_check():
     assert all(sum(lengths) == 65536 and min(lengths) > 0 for lengths in packs.values())
     assert packs["one"] == [65536] and set(packs["equal 8K"]) == {8192}
     assert max(packs["mix"]) < 65536 // 2 < sum(packs["mix"])  # long-tailed: no single one dominates
-    for refused in ("decay=scalar,causal,lrpe=d,dk=64,dv=64", "decay=constant,noncausal,dk=64,dv=64",
+    for refused in ("decay=scalar,causal,lrpe=d,dk=64,dv=64", "decay=constant,noncausal,gate=silu,dk=64,dv=64",
                     "decay=none,causal,phi=silu,dk=64,dv=64"):
         with pytest.raises(SystemExit, match=f"--spec {refused}"):
             bench_varlen.main(["--spec", refused])
