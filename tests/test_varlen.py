@@ -174,7 +174,7 @@ def test_piece_length_rule(monkeypatch):
     assert length([65536], device=torch.device("cpu")) == 0
     assert length([65536], "decay=none,noncausal,dk=128,dv=128") == 8192  # its whole state: as segments()
     assert length([65536], "decay=none,noncausal,dk=64,dv=64", heads=32) == 8192  # two per SM at dv = 64
-    assert length([65536], "decay=constant,noncausal,dk=128,dv=128") == 0  # (its two walks are never cut)
+    assert length([65536], "decay=constant,noncausal,dk=128,dv=128") == 8192  # from both sides: as causal
     assert length([]) == 0
 
     def windows(spec="decay=constant,causal,dk=128,dv=128", tokens=65536, heads=16, device=cuda):
