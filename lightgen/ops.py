@@ -778,7 +778,9 @@ def _packed_log_decay_grad(variant, dG, dht, ht, cu_seqlens):
         last = _final_state_term(variant, dht, ht)  # [S, H] (vector: [S, H, dk])
         last = last * (ends > starts).view(-1, *[1] * (last.dim() - 1))
         dG[0].index_add_(0, (ends - 1).clamp_min(0), last)
-    suffix = dG[0].double().flip(0).cumsum(0).flip(0)
+    # the rows last for the scan: torch's scan along the first dim walks each column's T rows one after another
+    # (H100, 65,536 rows x 16 heads: 11.4 ms, most of a packed decay=scalar fwd+bwd; session 28)
+    suffix = dG[0].double().movedim(0, -1).contiguous().flip(-1).cumsum(-1).flip(-1).movedim(-1, 0)
     suffix = torch.cat([suffix, suffix.new_zeros(1, *suffix.shape[1:])])  # [T + 1, H(, dk)]: nothing after row T - 1
     rows = torch.arange(dG.shape[1], device=dG.device)
     end = ends[torch.searchsorted(ends, rows, right=True)]  # where each row's sequence ends
