@@ -748,16 +748,25 @@ def _log_decay_grad(variant, dG, dht, ht, cu_seqlens=None):
         return _packed_log_decay_grad(variant, dG, dht, ht, cu_seqlens)
     if dht is not None:
         dG[:, -1] += _final_state_term(variant, dht, ht)
-    if variant.decay == "vector" and _use_kernels(dG):  # [B, N, H, dk]: big enough for its own kernel
-        b, n = dG.shape[:2]
-        cols = dG[0, 0].numel()
-        block = 32  # columns per program: at B = 1, H * dk = 2048 makes 64 programs
-        if _recorded is None:  # (its launch params are fixed: nothing to record)
-            build.load(variant, "pieces").suffix_sums[(b, -(-cols // block))](dG, n, cols, ROWS=64, BLOCK=block)
-        return dG
+    if variant.decay == "vector" and _use_kernels(dG):
+        return _suffix_sums(variant, dG)
     # torch scans a copy with N last along its rows (its scan over dim 1 of [B, N, H] took 1.46 ms at B = 8,
     # N = 8K, H = 16 on H100; this, a few us)
     return dG.movedim(1, -1).contiguous().flip(-1).cumsum(-1).flip(-1).movedim(-1, 1).contiguous()
+
+
+def _suffix_sums(variant, dG, cu_seqlens=None):
+    """decay=vector: dG [B, N, H, dk] summed from each sequence's end (packed: [1, T, H, dk], each sequence of
+    cu_seqlens from its own), in place, by the pieces module's suffix_sums: big enough for a kernel of its own."""
+    cols = dG[0, 0].numel()
+    block = 32  # columns per program: at B = 1, H * dk = 2048 makes 64 programs
+    if cu_seqlens is None:
+        module, sequences, length = "pieces", dG.shape[0], dG.shape[1]
+    else:
+        module, sequences, length = "varlen_pieces", cu_seqlens.numel() - 1, cu_seqlens
+    if _recorded is None:  # (its launch params are fixed: nothing to record)
+        build.load(variant, module).suffix_sums[(sequences, -(-cols // block))](dG, length, cols, ROWS=64, BLOCK=block)
+    return dG
 
 
 def _final_state_term(variant, dht, ht):
@@ -770,14 +779,16 @@ def _final_state_term(variant, dht, ht):
 
 
 def _packed_log_decay_grad(variant, dG, dht, ht, cu_seqlens):
-    """_log_decay_grad of packed sequences, without a host sync: the sums run over all T rows and
-    restart at each sequence's end by subtracting the sum from that end on (in float64, so that the
-    difference keeps its digits)."""
+    """_log_decay_grad of packed sequences, without a host sync. decay=vector: suffix_sums per sequence, as a batch
+    has. decay=scalar: the sums run over all T rows and restart at each sequence's end by subtracting the sum from
+    that end on (in float64, so that the difference keeps its digits; [T, H] is small)."""
     starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
     if dht is not None:  # each sequence's last row; an empty sequence has none (its term: 0)
         last = _final_state_term(variant, dht, ht)  # [S, H] (vector: [S, H, dk])
         last = last * (ends > starts).view(-1, *[1] * (last.dim() - 1))
         dG[0].index_add_(0, (ends - 1).clamp_min(0), last)
+    if variant.decay == "vector" and _use_kernels(dG):
+        return _suffix_sums(variant, dG, cu_seqlens)
     # the rows last for the scan: torch's scan along the first dim walks each column's T rows one after another
     # (H100, 65,536 rows x 16 heads: 11.4 ms, most of a packed decay=scalar fwd+bwd; session 28)
     suffix = dG[0].double().movedim(0, -1).contiguous().flip(-1).cumsum(-1).flip(-1).movedim(-1, 0)
