@@ -93,11 +93,10 @@ class LinearAttention:
             initial_state = initial_state.to(torch.float32).contiguous()
         _check_position("offset", offset)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        splittable = cu_seqlens is None
-        segments = launch.segments(variant, q.shape, q.dtype, q.device) if splittable else 1
-        # packed sequences as the kernels run them (split.Packed): the longest first, and (causal, or non-causal
-        # without decay) the long ones cut into pieces that run as packed sequences of their own (not under
-        # torch.compile tracing, which has no offsets on the host: each whole, in packed order)
+        segments = launch.segments(variant, q.shape, q.dtype, q.device) if cu_seqlens is None else 1
+        # packed sequences as the kernels run them (split.Packed): the longest first, and the long ones cut into
+        # pieces that run as packed sequences of their own (not under torch.compile tracing, which has no offsets
+        # on the host: each whole, in packed order)
         length, pieces = 0, None
         if offsets is not None:
             length = launch.piece_length(variant, q.shape[1], offsets.longest, heads, q.device)

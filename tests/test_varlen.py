@@ -47,12 +47,12 @@ def test_backward_paths_and_tiles(spec, path, tile):
 
 @pytest.mark.parametrize("length", [16, 40])
 @pytest.mark.parametrize("spec", CASES + ["decay=none,noncausal,lrpe=d,phi=silu,dk=16,dv=32,gate=silu",
-                            "decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16,scale=1,norm=srms,eps=0.01,gate=silu"])
+                                          "decay=constant,causal,lrpe=d,phi=silu,dk=16,dv=16,scale=1,norm=srms,eps=0.01,"
+                                          "gate=silu"])
 def test_long_sequences_cut_into_pieces(spec, length, monkeypatch):
     """Packed sequences longer than launch.piece_length (forced here) run as pieces, packed sequences of their own,
     from the states the scan hands them (non-causal without decay: the sum of all its sequence's pieces' own; with a
-    decay, one from each side, so two state passes each way): the
-    same outputs, gradients and states. Pieces of 16: a sequence of 45 as 16 + 16 + 13, of 17 as 16 + 1; of 40: 45
+    decay, one from each side, two state passes and scans each way): the same outputs, gradients and states. Pieces of 16: a sequence of 45 as 16 + 16 + 13, of 17 as 16 + 1; of 40: 45
     as 40 + 5, 17 whole. Both ends empty; LRPE positions go on across the pieces from the offset."""
     from lightgen import ops
 
@@ -62,7 +62,7 @@ def test_long_sequences_cut_into_pieces(spec, length, monkeypatch):
     monkeypatch.setattr(ops, "_packed_handed_states", lambda variant, kernel, *a: passes.append(kernel)
                         or handed(variant, kernel, *a))
     _check(spec, lengths=[0, *LENGTHS[1:], 0])
-    assert passes == ["fwd_state", "bwd_state"]  # (what the op asks for: both sides come from one call)
+    assert passes == ["fwd_state", "bwd_state"]  # (the forward's and the backward's; each makes both sides)
 
 
 def test_pieces_windows_cut_over_programs(monkeypatch):

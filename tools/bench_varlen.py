@@ -1,8 +1,9 @@
 """Packed sequences (cu_seqlens) on the GPU: lightgen with its long sequences cut into pieces, the same without
 (every sequence one program per head, as before session 25), fla-core's `chunk_simple_gla` with the same
 cu_seqlens (`chunk_gla` under decay=vector), and the HBM floor, in one process. Non-causal variants (decay=none cut
-since session 25, decay=constant since session 28) run without fla, whose kernels are causal. Learned decays take g from verify.random_log_decays (a
-gradient in every contender); fla's Hopper guard is lifted as `lightgen bench` lifts it.
+since session 25, decay=constant since session 28) run without fla, whose kernels are causal. Learned decays take g
+from verify.random_log_decays (a gradient in every contender); fla's Hopper guard is lifted as `lightgen bench`
+lifts it.
 
     PYTHONPATH=$PWD python -m tools.bench_varlen --json varlen.json
 
