@@ -482,7 +482,8 @@ def _forward_kernels(variant, q, k, v, log_decay, theta, h0, offset, final, segm
     packed = _unpacked(pieces, cu_seqlens)
     if packed is not None and packed.cut:
         received = _packed_handed_states(variant, "fwd_state", k, v, log_decay, theta, offset, packed, h0)
-        y, ht, o = _forward_pass(variant, q, k, v, log_decay, theta, received, offset, final, 1, packed.cu, u, packed)
+        y, ht, o = _forward_pass(variant, q, k, v, log_decay, theta, received, offset, final, 1, packed.cu, u, packed,
+                                 edges=h0 is not None)
         return y, None if ht is None else ht.index_select(0, packed.first[1:] - 1), o, received  # their last pieces'
     if segments == 1:
         y, ht, o = _forward_pass(variant, q, k, v, log_decay, theta, h0, offset, final or keep, 1, cu_seqlens, u,
@@ -633,16 +634,24 @@ def _reference_state_pass(variant, kernel, x, y, log_decay, theta, offset):
 
 
 def _forward_pass(variant, q, k, v, log_decay, theta, h0, offset, final, segments, cu_seqlens=None, u=None,
-                  packed=None):
+                  packed=None, edges=True):
     """The forward kernel: (output, final state or None, o or None). With an epilogue the kernel writes
-    the attention's o (all the backward needs: rstd comes back from it) and y."""
+    the attention's o (all the backward needs: rstd comes back from it) and y. edges (packed): whether h0 holds the
+    caller's initial states at each sequence's first piece (else zeros there, which the kernel does not read)."""
     module = build.load(variant, "varlen" if cu_seqlens is not None else "main")
     o = torch.empty_like(v)
     ht = _state_like(variant, q, cu_seqlens) if final else None
     y = torch.empty_like(v) if variant.epilogue else None
     _launch(module, variant, "fwd", q, "BV", (q, k, v, o, h0, ht, log_decay, theta, *((u, y) if y is not None else ())),
-            offset, segments, cu_seqlens, packed=packed, HAS_INIT=h0 is not None, HAS_FINAL=final)
+            offset, segments, cu_seqlens, packed=packed, HAS_INIT=h0 is not None, HAS_FINAL=final,
+            **_edges(cu_seqlens, edges))
     return (y, ht, o) if y is not None else (o, ht, None)
+
+
+def _edges(cu_seqlens, given) -> dict:
+    """The varlen kernels' EDGES flag (whether the states handed to the pieces at their sequences' edges are the
+    caller's, so to be read); the batch kernels take none."""
+    return {} if cu_seqlens is None else {"EDGES": given}
 
 
 def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, segments, cu_seqlens=None,
@@ -685,14 +694,16 @@ def _packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht
         if dht is not None:
             after.index_copy_(0, (packed.first[1:] - 1).long(), ht)
     dq, dk, dv, dlog_decay, dtheta, dh0 = _attention_backward(
-        module, variant, q, k, v, do, log_decay, theta, received, sent, after, offset, 1, packed.cu, packed)
+        module, variant, q, k, v, do, log_decay, theta, received, sent, after, offset, 1, packed.cu, packed,
+        edges=(h0 is not None, dht is not None))
     dh0 = dh0.index_select(0, packed.first[:-1]) if h0 is not None else None  # each sequence's first piece got h0
     return dq, dk, dv, dlog_decay, dtheta, dh0
 
 
 def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, segments,
-                        cu_seqlens=None, packed=None):
-    """The backward kernels (after the epilogue's): dq, dk, dv, d log_decay, dtheta, dh0."""
+                        cu_seqlens=None, packed=None, edges=(True, True)):
+    """The backward kernels (after the epilogue's): dq, dk, dv, d log_decay, dtheta, dh0. edges (packed): whether
+    h0 and dht hold the caller's states at the sequences' edges (_forward_pass)."""
     b, n, h, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lrpe = variant.lrpe == "d"
@@ -708,9 +719,10 @@ def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht,
     if vector:  # one buffer: bwd_dk adds its part to bwd_dq's
         dG_k = dG_q
     gate_q, gate_k = ((dG_q,), (dG_k,)) if vector else ((TileShares(dG_q),), (TileShares(dG_k),)) if learned else ((), ())
-    states = dict(HAS_INIT=dht is not None, HAS_FINAL=h0 is not None)
+    left, right = _edges(cu_seqlens, edges[0]), _edges(cu_seqlens, edges[1])
+    states = dict(HAS_INIT=dht is not None, HAS_FINAL=h0 is not None, **right)
     _launch(module, variant, "bwd_dq", q, "BK", (q, k, v, do, dq, dth_q, *gate_q, h0, log_decay, theta), offset,
-            segments, cu_seqlens, packed=packed, HAS_INIT=h0 is not None)
+            segments, cu_seqlens, packed=packed, HAS_INIT=h0 is not None, **left)
     if launch.backward_path(variant, q.dtype, n, q.device) == "fused":
         _launch(module, variant, "bwd_dkv", q, "BV", (q, k, v, do, TileShares(dk), dv,
                                                       dth_k if dth_k is None else TileShares(dth_k), *gate_k,
@@ -718,7 +730,7 @@ def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht,
                 cu_seqlens, packed=packed, **states)
     else:
         _launch(module, variant, "bwd_dk", q, "BK", (q, k, v, do, dk, dth_k, *gate_k, dht, log_decay, theta), offset,
-                segments, cu_seqlens, packed=packed, HAS_INIT=dht is not None)
+                segments, cu_seqlens, packed=packed, HAS_INIT=dht is not None, **right)
         _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log_decay, theta), offset,
                 segments, cu_seqlens, packed=packed, **states)
     dtheta = (dth_q + dth_k).view(sequences, h, variant.dk).sum(0) if lrpe else None

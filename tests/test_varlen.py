@@ -65,6 +65,36 @@ def test_long_sequences_cut_into_pieces(spec, length, monkeypatch):
     assert passes == ["fwd_state", "bwd_state"]  # (the forward's and the backward's; each makes both sides)
 
 
+@pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=32,dv=16", "decay=none,causal,dk=16,dv=32",
+                                  "decay=constant,noncausal,lrpe=d,phi=elu+1,dk=16,dv=32"])
+def test_edge_pieces_handed_nothing(spec, monkeypatch):
+    """Packed sequences cut into pieces (forced), without the caller's states: the pieces at each sequence's edges
+    (its first, from the left; its last, from the right) start from zeros, which the scan does not store and the
+    kernels do not read (EDGES). The scan's output starts as NaN here: its edge slots stay NaN, every other one is
+    written, and the results still match. (Learned decays' scan stores the zeros: their dg reads them on the host.)"""
+    from lightgen import split
+
+    monkeypatch.setattr(launch, "piece_length", lambda variant, tokens, longest, heads, device: 16)
+    scan, scans = split.packed_scan, []
+
+    def poisoned(module, own, log_decays, packed, start=None, reverse=False, out=None, **kwargs):
+        if out is None:
+            out = own.new_empty(packed.count, *own.shape[1:])
+        out.fill_(float("nan"))
+        scan(module, own, log_decays, packed, start, reverse, out=out, **kwargs)
+        edge = torch.zeros(packed.count, dtype=torch.bool)
+        edge[(packed.first[1:] - 1 if reverse else packed.first[:-1]).long().cpu()] = True
+        unwritten = out.isnan().flatten(1).all(1).cpu()
+        assert start is not None or torch.equal(unwritten, edge), (reverse, unwritten, edge)
+        scans.append(reverse)
+        return out
+
+    monkeypatch.setattr(split, "packed_scan", poisoned)
+    check_variant(lightgen.Variant.parse(spec), b=1, n=None, h=2, dtype=DTYPES[0], device=DEVICE, states=False,
+                  lengths=[0, *LENGTHS[1:], 0])
+    assert sorted(scans) == sorted([False, True] * (2 if "noncausal" in spec else 1))  # (both sides: two each way)
+
+
 def test_pieces_windows_cut_over_programs(monkeypatch):
     """decay=constant: each piece's state-pass window cut over several programs (launch.packed_state_split, 3
     forced), a state per sub-window, the scan weighing and adding them. Pieces of 24 (forced): 50 as 24 + 24 + 2,
