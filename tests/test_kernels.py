@@ -453,6 +453,17 @@ def test_torch_compile_fullgraph_and_opcheck():
     torch.library.opcheck(op, (q.detach(), k.detach(), v.detach(), log_decay, theta.detach(), h0, 7, True, 1))
 
 
+def test_opcheck_of_a_split_from_both_sides():
+    """Non-causal with a decay, split (segments = 2, the op's argument): the fake's shapes are the kernels' (its
+    fourth output, the states from both sides, [2 * B * P, H, F, dv])."""
+    attn = lightgen.compile("decay=constant,noncausal,dk=16,dv=16")
+    q, k, v = (torch.randn(1, 40, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    log_decay = -torch.tensor(lightgen.tnl_slopes(2), device=DEVICE)
+    op = getattr(torch.ops.lightgen, f"attn_{attn.variant.hash}")
+    torch.library.opcheck(op, (q, k, v, log_decay, None, None, 0, False, 2))
+    assert op(q, k, v, log_decay, None, None, 0, False, 2)[3].shape == (2 * 2, 2, 16, 16)
+
+
 def test_torch_compile_of_the_kept_whole_state():
     """Non-causal without decay keeps the forward's whole state for the backward (the op's fourth output, its
     `keep` argument): traced, it has the fake's shape and the gradients are the eager ones."""
