@@ -151,6 +151,9 @@ def run(args) -> dict:
                     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
             if failed:
                 break
+        # every rank done before any tears the group down: a rank destroying it while another still talks to it
+        # ended in std::terminate once (gloo, CI, session 28), as the tests' scenarios guard against too
+        dist.barrier()
         return result
     finally:
         dist.destroy_process_group()
