@@ -513,9 +513,9 @@ def _handed_states(variant, kernel, x, y, log_decay, theta, offset, segments, st
         return _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments)[1]
     scanned = functools.partial(_scanned, variant, x=x, y=y, log_decay=log_decay, theta=theta, offset=offset,
                                 segments=segments)
-    if variant.causal:
-        return scanned(kernel, start=start)
-    return _from_both_sides(variant, kernel, scanned, x.shape[0] * segments, x)
+    if variant.two_sided:
+        return _from_both_sides(variant, kernel, scanned, x.shape[0] * segments, x)
+    return scanned(kernel, start=start)
 
 
 def _from_both_sides(variant, kernel, scanned, pieces, x):
@@ -560,9 +560,9 @@ def _packed_handed_states(variant, kernel, x, y, log_decay, theta, offset, packe
     window), then the scan over each sequence's pieces from start ([S, H, F, dv] or None)."""
     scanned = functools.partial(_packed_scanned, variant, x=x, y=y, log_decay=log_decay, theta=theta, offset=offset,
                                 packed=packed)
-    if variant.causal or variant.whole_state:
-        return scanned(kernel, start=start)
-    return _from_both_sides(variant, kernel, scanned, packed.count, x)
+    if variant.two_sided:
+        return _from_both_sides(variant, kernel, scanned, packed.count, x)
+    return scanned(kernel, start=start)
 
 
 def _packed_scanned(variant, kernel, *, x, y, log_decay, theta, offset, packed, start, out=None):
@@ -929,7 +929,7 @@ def _custom_ops(variant: Variant):
     def _(q, k, v, log_decay, theta, initial_state, offset, output_final_state, segments, cu_seqlens=None, u=None,
           keep=False, pieces=None):
         packed = _unpacked(pieces, cu_seqlens, cut=True)
-        sides = 1 if variant.causal or variant.whole_state else 2  # (non-causal with a decay: from both sides)
+        sides = 2 if variant.two_sided else 1
         if packed is not None:  # one state per piece
             received = q.new_empty(_state_shape(variant, sides * packed.count, q.shape[2]), dtype=torch.float32)
         elif keep:  # one state per sequence

@@ -166,6 +166,12 @@ class Variant:
         return not self.causal and self.decay == "none"
 
     @property
+    def two_sided(self) -> bool:
+        """Whether each row sees both directions through decayed states (non-causal with a decay): its kernels walk
+        forward inclusive, then reverse strict, and a long sequence's pieces are each handed a state from each side."""
+        return not self.causal and self.decay != "none"
+
+    @property
     def learned_decay(self) -> bool:
         """Whether the decay is an input per token, g, with a gradient (decay=scalar or vector)."""
         return self.decay in ("scalar", "vector")
