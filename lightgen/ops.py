@@ -690,7 +690,7 @@ def _packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht
     sent = _packed_handed_states(variant, "bwd_state", q, do, log_decay, theta, offset, packed, dht)
     after = None
     if variant.learned_decay:  # the state after each piece, for dg: the next one's start; a sequence's last, ht
-        after = received.roll(-1, 0)  # (a last piece's is read only with dht: without, the gradient after it is 0)
+        after = received.roll(-1, 0)  # (a last piece's is read only with dht: without, the scans left it unset)
         if dht is not None:
             after.index_copy_(0, (packed.first[1:] - 1).long(), ht)
     dq, dk, dv, dlog_decay, dtheta, dh0 = _attention_backward(
@@ -734,7 +734,9 @@ def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht,
         _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log_decay, theta), offset,
                 segments, cu_seqlens, packed=packed, **states)
     dtheta = (dth_q + dth_k).view(sequences, h, variant.dk).sum(0) if lrpe else None
-    dlog_decay = _log_decay_grad(variant, dG_q if vector else dG_q + dG_k, dht, ht, cu_seqlens) if learned else None
+    # packed pieces without the caller's dht: the states handed at (and after) each sequence's last piece are unset
+    unset = None if edges[1] or packed is None else packed.first[1:].long() - 1
+    dlog_decay = _log_decay_grad(variant, dG_q if vector else dG_q + dG_k, dht, ht, cu_seqlens, unset) if learned else None
     return dq, dk, dv, dlog_decay, dtheta, dh0
 
 
@@ -748,15 +750,16 @@ def _epilogue_backward(module, variant, o, u, dy):
     return do, du
 
 
-def _log_decay_grad(variant, dG, dht, ht, cu_seqlens=None):
+def _log_decay_grad(variant, dG, dht, ht, cu_seqlens=None, unset=None):
     """decay=scalar: the gradient of the log decays g [B, N, H] from dL/dG, G_t = g_0 + ... + g_t.
     g_t moves every G_u with u >= t, so dg_t = sum over u >= t of dL/dG_u. The kernels' dL/dG (f(q).df(q)
     - f(k).df(k) per token) misses one term: the final state S_{N-1} carries exp(G_{N-1}) as a whole,
     which adds <dS_{N-1}, S_{N-1}> to dL/dG_{N-1}.
     decay=vector: the same per key dim [B, N, H, dk] (S_{N-1}'s row i carries exp(G_{N-1,i})).
-    Packed sequences (cu_seqlens): the same within each sequence."""
+    Packed sequences (cu_seqlens): the same within each sequence; unset: the sequences whose dht and ht rows hold
+    nothing (their term: 0)."""
     if cu_seqlens is not None:
-        return _packed_log_decay_grad(variant, dG, dht, ht, cu_seqlens)
+        return _packed_log_decay_grad(variant, dG, dht, ht, cu_seqlens, unset)
     if dht is not None:
         dG[:, -1] += _final_state_term(variant, dht, ht)
     if variant.decay == "vector" and _use_kernels(dG):
@@ -789,14 +792,17 @@ def _final_state_term(variant, dht, ht):
     return rows.view(*rows.shape[:2], -1, variant.dk).sum(2)
 
 
-def _packed_log_decay_grad(variant, dG, dht, ht, cu_seqlens):
+def _packed_log_decay_grad(variant, dG, dht, ht, cu_seqlens, unset=None):
     """_log_decay_grad of packed sequences, without a host sync. decay=vector: suffix_sums per sequence, as a batch
     has. decay=scalar: the sums run over all T rows and restart at each sequence's end by subtracting the sum from
     that end on (in float64, so that the difference keeps its digits; [T, H] is small)."""
     starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
     if dht is not None:  # each sequence's last row; an empty sequence has none (its term: 0)
         last = _final_state_term(variant, dht, ht)  # [S, H] (vector: [S, H, dk])
-        last = last * (ends > starts).view(-1, *[1] * (last.dim() - 1))
+        kept = ends > starts
+        if unset is not None:
+            kept.index_fill_(0, unset, False)
+        last = torch.where(kept.view(-1, *[1] * (last.dim() - 1)), last, 0.0)  # (not a product: unset may be NaN)
         dG[0].index_add_(0, (ends - 1).clamp_min(0), last)
     if variant.decay == "vector" and _use_kernels(dG):
         return _suffix_sums(variant, dG, cu_seqlens)

@@ -66,12 +66,14 @@ def test_long_sequences_cut_into_pieces(spec, length, monkeypatch):
 
 
 @pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=32,dv=16", "decay=none,causal,dk=16,dv=32",
-                                  "decay=constant,noncausal,lrpe=d,phi=elu+1,dk=16,dv=32"])
+                                  "decay=constant,noncausal,lrpe=d,phi=elu+1,dk=16,dv=32",
+                                  "decay=scalar,causal,dk=16,dv=32", "decay=vector,causal,lrpe=d,dk=16,dv=16"])
 def test_edge_pieces_handed_nothing(spec, monkeypatch):
     """Packed sequences cut into pieces (forced), without the caller's states: the pieces at each sequence's edges
     (its first, from the left; its last, from the right) start from zeros, which the scan does not store and the
     kernels do not read (EDGES). The scan's output starts as NaN here: its edge slots stay NaN, every other one is
-    written, and the results still match. (Learned decays' scan stores the zeros: their dg reads them on the host.)"""
+    written, and the results still match: under learned decays dg too, whose final-state terms leave those
+    pieces out."""
     from lightgen import split
 
     monkeypatch.setattr(launch, "piece_length", lambda variant, tokens, longest, heads, device: 16)
