@@ -665,19 +665,18 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
         return (*_packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, received,
                                   packed), du)
     if segments == 1:  # (received: the whole state the forward kept, which dq takes as the pieces' own)
+        terms = _final_state_term(variant, dht, ht) if variant.learned_decay and dht is not None else None
         return (*_attention_backward(module, variant, q, k, v, do, log_decay, theta, h0 if received is None else received,
-                                     dht, ht, offset, 1, cu_seqlens, packed), du)
+                                     dht, terms, offset, 1, cu_seqlens, packed), du)
     b, n, h, _ = q.shape
     pieces = functools.partial(split.as_pieces, segments=segments)
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
     sent = _handed_states(variant, "bwd_state", q, do, log_decay, theta, offset, segments, dht)
-    after = None
-    if variant.learned_decay:  # the state after each piece, for dg (the sequence's last: ht, needed only with dht)
-        last = ht[:, None] if dht is not None else torch.zeros_like(by_piece(received)[:, :1])
-        after = torch.cat([by_piece(received)[:, 1:], last], 1).flatten(0, 1)
+    last_pieces = torch.arange(segments - 1, b * segments, segments, device=q.device)
+    terms = _piece_final_terms(variant, sent, received, last_pieces, dht, ht)
     dq, dk, dv, dlog_decay, dtheta, dh0 = _attention_backward(
-        module, variant, pieces(q), pieces(k), pieces(v), pieces(do), piece_decay, theta, received, sent, after, offset,
+        module, variant, pieces(q), pieces(k), pieces(v), pieces(do), piece_decay, theta, received, sent, terms, offset,
         segments)
     whole = functools.partial(_whole, b=b, n=n)
     dh0 = by_piece(dh0)[:, 0].clone() if h0 is not None else None  # the first piece received h0
@@ -688,22 +687,33 @@ def _packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht
     """_backward_kernels of packed sequences' pieces (the attention's part): each piece's backward as a packed
     sequence of its own, from the state it received and the gradient of the state after it (the reverse scan's)."""
     sent = _packed_handed_states(variant, "bwd_state", q, do, log_decay, theta, offset, packed, dht)
-    after = None
-    if variant.learned_decay:  # the state after each piece, for dg: the next one's start; a sequence's last, ht
-        after = received.roll(-1, 0)  # (a last piece's is read only with dht: without, the scans left it unset)
-        if dht is not None:
-            after.index_copy_(0, (packed.first[1:] - 1).long(), ht)
+    terms = _piece_final_terms(variant, sent, received, packed.first[1:].long() - 1, dht, ht)
     dq, dk, dv, dlog_decay, dtheta, dh0 = _attention_backward(
-        module, variant, q, k, v, do, log_decay, theta, received, sent, after, offset, 1, packed.cu, packed,
+        module, variant, q, k, v, do, log_decay, theta, received, sent, terms, offset, 1, packed.cu, packed,
         edges=(h0 is not None, dht is not None))
     dh0 = dh0.index_select(0, packed.first[:-1]) if h0 is not None else None  # each sequence's first piece got h0
     return dq, dk, dv, dlog_decay, dtheta, dh0
 
 
-def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht, offset, segments,
+def _piece_final_terms(variant, sent, received, last_pieces, dht, ht):
+    """Learned decays' dg takes each piece's final-state term (_log_decay_grad): <the gradient of the state after the
+    piece (sent), that state>, which is the next piece's start (received), or, at a sequence's last piece (rows
+    last_pieces), the sequence's final state ht with its gradient dht (without dht: no term). The products run on
+    the two tensors side by side, one row apart: nothing is copied, and what meets across a sequence's end (states
+    a packed scan may leave unset) is overwritten. None for the other decays."""
+    if not variant.learned_decay:
+        return None
+    terms = sent.new_empty(sent.shape[:2] + ((variant.dk,) if variant.decay == "vector" else ()))  # [pieces, H(, dk)]
+    terms[:-1] = _final_state_term(variant, sent[:-1], received[1:])
+    terms[last_pieces] = 0.0 if dht is None else _final_state_term(variant, dht, ht)
+    return terms
+
+
+def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, terms, offset, segments,
                         cu_seqlens=None, packed=None, edges=(True, True)):
-    """The backward kernels (after the epilogue's): dq, dk, dv, d log_decay, dtheta, dh0. edges (packed): whether
-    h0 and dht hold the caller's states at the sequences' edges (_forward_pass)."""
+    """The backward kernels (after the epilogue's): dq, dk, dv, d log_decay, dtheta, dh0. terms: learned decays'
+    final-state terms of dg, one per sequence or piece (_log_decay_grad; None: none). edges (packed): whether h0 and
+    dht hold the caller's states at the sequences' edges (_forward_pass)."""
     b, n, h, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lrpe = variant.lrpe == "d"
@@ -734,9 +744,7 @@ def _attention_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht,
         _launch(module, variant, "bwd_dv", q, "BV", (q, k, v, do, dv, dht, dh0, log_decay, theta), offset,
                 segments, cu_seqlens, packed=packed, **states)
     dtheta = (dth_q + dth_k).view(sequences, h, variant.dk).sum(0) if lrpe else None
-    # packed pieces without the caller's dht: the states handed at (and after) each sequence's last piece are unset
-    unset = None if edges[1] or packed is None else packed.first[1:].long() - 1
-    dlog_decay = _log_decay_grad(variant, dG_q if vector else dG_q + dG_k, dht, ht, cu_seqlens, unset) if learned else None
+    dlog_decay = _log_decay_grad(variant, dG_q if vector else dG_q + dG_k, terms, cu_seqlens) if learned else None
     return dq, dk, dv, dlog_decay, dtheta, dh0
 
 
@@ -750,18 +758,18 @@ def _epilogue_backward(module, variant, o, u, dy):
     return do, du
 
 
-def _log_decay_grad(variant, dG, dht, ht, cu_seqlens=None, unset=None):
+def _log_decay_grad(variant, dG, terms, cu_seqlens=None):
     """decay=scalar: the gradient of the log decays g [B, N, H] from dL/dG, G_t = g_0 + ... + g_t.
     g_t moves every G_u with u >= t, so dg_t = sum over u >= t of dL/dG_u. The kernels' dL/dG (f(q).df(q)
     - f(k).df(k) per token) misses one term: the final state S_{N-1} carries exp(G_{N-1}) as a whole,
     which adds <dS_{N-1}, S_{N-1}> to dL/dG_{N-1}.
     decay=vector: the same per key dim [B, N, H, dk] (S_{N-1}'s row i carries exp(G_{N-1,i})).
-    Packed sequences (cu_seqlens): the same within each sequence; unset: the sequences whose dht and ht rows hold
-    nothing (their term: 0)."""
+    terms: that term of each sequence, <dS_{N-1}, S_{N-1}> (_final_state_term; None: no dS given).
+    Packed sequences (cu_seqlens): the same within each sequence."""
     if cu_seqlens is not None:
-        return _packed_log_decay_grad(variant, dG, dht, ht, cu_seqlens, unset)
-    if dht is not None:
-        dG[:, -1] += _final_state_term(variant, dht, ht)
+        return _packed_log_decay_grad(variant, dG, terms, cu_seqlens)
+    if terms is not None:
+        dG[:, -1] += terms
     if variant.decay == "vector" and _use_kernels(dG):
         return _suffix_sums(variant, dG)
     # torch scans a copy with N last along its rows (its scan over dim 1 of [B, N, H] took 1.46 ms at B = 8,
@@ -792,17 +800,13 @@ def _final_state_term(variant, dht, ht):
     return rows.view(*rows.shape[:2], -1, variant.dk).sum(2)
 
 
-def _packed_log_decay_grad(variant, dG, dht, ht, cu_seqlens, unset=None):
+def _packed_log_decay_grad(variant, dG, terms, cu_seqlens):
     """_log_decay_grad of packed sequences, without a host sync. decay=vector: suffix_sums per sequence, as a batch
     has. decay=scalar: the sums run over all T rows and restart at each sequence's end by subtracting the sum from
     that end on (in float64, so that the difference keeps its digits; [T, H] is small)."""
     starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
-    if dht is not None:  # each sequence's last row; an empty sequence has none (its term: 0)
-        last = _final_state_term(variant, dht, ht)  # [S, H] (vector: [S, H, dk])
-        kept = ends > starts
-        if unset is not None:
-            kept.index_fill_(0, unset, False)
-        last = torch.where(kept.view(-1, *[1] * (last.dim() - 1)), last, 0.0)  # (not a product: unset may be NaN)
+    if terms is not None:  # each sequence's last row; an empty sequence has none (its term: 0)
+        last = terms * (ends > starts).view(-1, *[1] * (terms.dim() - 1))  # [S, H] (vector: [S, H, dk])
         dG[0].index_add_(0, (ends - 1).clamp_min(0), last)
     if variant.decay == "vector" and _use_kernels(dG):
         return _suffix_sums(variant, dG, cu_seqlens)
