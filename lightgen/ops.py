@@ -779,15 +779,18 @@ def _log_decay_grad(variant, dG, terms, cu_seqlens=None):
 
 def _suffix_sums(variant, dG, cu_seqlens=None):
     """decay=vector: dG [B, N, H, dk] summed from each sequence's end (packed: [1, T, H, dk], each sequence of
-    cu_seqlens from its own), in place, by the pieces module's suffix_sums: big enough for a kernel of its own."""
+    cu_seqlens from its own), in place, by the pieces module's suffix_sums: big enough for a kernel of its own.
+    Packed decay=scalar too ([1, T, H]): torch has no scan that restarts at each sequence."""
     cols = dG[0, 0].numel()
-    block = 32  # columns per program: at B = 1, H * dk = 2048 makes 64 programs
+    # columns per program (at B = 1, H * dk = 2048 makes 64 programs; packed scalar's H = 16, one), 2,048 entries a step
+    block = min(32, max(16, 1 << (cols - 1).bit_length()))
     if cu_seqlens is None:
         module, sequences, length = "pieces", dG.shape[0], dG.shape[1]
     else:
         module, sequences, length = "varlen_pieces", cu_seqlens.numel() - 1, cu_seqlens
     if _recorded is None:  # (its launch params are fixed: nothing to record)
-        build.load(variant, module).suffix_sums[(sequences, -(-cols // block))](dG, length, cols, ROWS=64, BLOCK=block)
+        build.load(variant, module).suffix_sums[(sequences, -(-cols // block))](dG, length, cols, ROWS=2048 // block,
+                                                                                BLOCK=block)
     return dG
 
 
@@ -801,22 +804,12 @@ def _final_state_term(variant, dht, ht):
 
 
 def _packed_log_decay_grad(variant, dG, terms, cu_seqlens):
-    """_log_decay_grad of packed sequences, without a host sync. decay=vector: suffix_sums per sequence, as a batch
-    has. decay=scalar: the sums run over all T rows and restart at each sequence's end by subtracting the sum from
-    that end on (in float64, so that the difference keeps its digits; [T, H] is small)."""
+    """_log_decay_grad of packed sequences, without a host sync: suffix_sums restarted at each sequence."""
     starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
     if terms is not None:  # each sequence's last row; an empty sequence has none (its term: 0)
         last = terms * (ends > starts).view(-1, *[1] * (terms.dim() - 1))  # [S, H] (vector: [S, H, dk])
         dG[0].index_add_(0, (ends - 1).clamp_min(0), last)
-    if variant.decay == "vector" and _use_kernels(dG):
-        return _suffix_sums(variant, dG, cu_seqlens)
-    # the rows last for the scan: torch's scan along the first dim walks each column's T rows one after another
-    # (H100, 65,536 rows x 16 heads: 11.4 ms, most of a packed decay=scalar fwd+bwd; session 28)
-    suffix = dG[0].double().movedim(0, -1).contiguous().flip(-1).cumsum(-1).flip(-1).movedim(-1, 0)
-    suffix = torch.cat([suffix, suffix.new_zeros(1, *suffix.shape[1:])])  # [T + 1, H(, dk)]: nothing after row T - 1
-    rows = torch.arange(dG.shape[1], device=dG.device)
-    end = ends[torch.searchsorted(ends, rows, right=True)]  # where each row's sequence ends
-    return (suffix[:-1] - suffix[end]).float()[None]
+    return _suffix_sums(variant, dG, cu_seqlens)
 
 
 def _step_kernel(variant, q, k, v, state, log_decay, theta, positions, offset):

@@ -150,6 +150,25 @@ def test_learned_decays_summed_per_piece(spec, dims):
     assert torch.equal(split.packed_log_decays(module, variant, g, packed), sums)
 
 
+@pytest.mark.parametrize("spec, dims", [("decay=scalar,causal,dk=16,dv=16", ()),
+                                         ("decay=vector,causal,dk=16,dv=16", (16,))])
+def test_packed_suffix_sums(spec, dims):
+    """dg's reverse sums of packed sequences (ops._suffix_sums, the varlen pieces module's suffix_sums): each row the
+    sum of its sequence's rows from it on, none crossing into the next sequence; empty sequences, and sequences
+    longer than a program's step (2,048 entries: 128 rows of decay=scalar's 16 heads, 64 of vector's 2 x 16
+    columns), whose sums carry from step to step. Against float64."""
+    from lightgen import ops
+
+    variant = lightgen.Variant.parse(spec)
+    heads = 16 if not dims else 2
+    offsets = [0, 0, 300, 301, 301, 557]
+    cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    dG = torch.randn(1, offsets[-1], heads, *dims, device=DEVICE)
+    expected = torch.cat([dG[0, a:b].double().flip(0).cumsum(0).flip(0) for a, b in zip(offsets, offsets[1:])])
+    got = ops._suffix_sums(variant, dG.clone(), cu)
+    assert rel_err(got[0], expected) < 1e-6
+
+
 def test_offsets_read_once_per_tensor():
     """The offsets are read on the host (a device sync) once per cu_seqlens tensor: again only after an in-place
     write, which the next call follows; the entry goes with the tensor."""
