@@ -673,8 +673,9 @@ def _backward_kernels(variant, q, k, v, do, log_decay, theta, h0, dht, ht, offse
     by_piece = lambda t: t.view(b, segments, *t.shape[1:])  # noqa: E731 - [B * P, ...] -> [B, P, ...]
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
     sent = _handed_states(variant, "bwd_state", q, do, log_decay, theta, offset, segments, dht)
-    last_pieces = torch.arange(segments - 1, b * segments, segments, device=q.device)
-    terms = _piece_final_terms(variant, sent, received, last_pieces, dht, ht)
+    terms = None
+    if variant.learned_decay:  # (each sequence's last piece: every segments-th row)
+        terms = _piece_final_terms(variant, sent, received, slice(segments - 1, None, segments), dht, ht)
     dq, dk, dv, dlog_decay, dtheta, dh0 = _attention_backward(
         module, variant, pieces(q), pieces(k), pieces(v), pieces(do), piece_decay, theta, received, sent, terms, offset,
         segments)
@@ -687,7 +688,9 @@ def _packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht
     """_backward_kernels of packed sequences' pieces (the attention's part): each piece's backward as a packed
     sequence of its own, from the state it received and the gradient of the state after it (the reverse scan's)."""
     sent = _packed_handed_states(variant, "bwd_state", q, do, log_decay, theta, offset, packed, dht)
-    terms = _piece_final_terms(variant, sent, received, packed.first[1:].long() - 1, dht, ht)
+    terms = None
+    if variant.learned_decay:
+        terms = _piece_final_terms(variant, sent, received, packed.first[1:].long() - 1, dht, ht)
     dq, dk, dv, dlog_decay, dtheta, dh0 = _attention_backward(
         module, variant, q, k, v, do, log_decay, theta, received, sent, terms, offset, 1, packed.cu, packed,
         edges=(h0 is not None, dht is not None))
@@ -698,11 +701,9 @@ def _packed_backward(module, variant, q, k, v, do, log_decay, theta, h0, dht, ht
 def _piece_final_terms(variant, sent, received, last_pieces, dht, ht):
     """Learned decays' dg takes each piece's final-state term (_log_decay_grad): <the gradient of the state after the
     piece (sent), that state>, which is the next piece's start (received), or, at a sequence's last piece (rows
-    last_pieces), the sequence's final state ht with its gradient dht (without dht: no term). The products run on
-    the two tensors side by side, one row apart: nothing is copied, and what meets across a sequence's end (states
-    a packed scan may leave unset) is overwritten. None for the other decays."""
-    if not variant.learned_decay:
-        return None
+    last_pieces: an index or a slice), the sequence's final state ht with its gradient dht (without dht: no term).
+    The products run on the two tensors side by side, one row apart: nothing is copied, and what meets across a
+    sequence's end (states a packed scan may leave unset) is overwritten."""
     terms = sent.new_empty(sent.shape[:2] + ((variant.dk,) if variant.decay == "vector" else ()))  # [pieces, H(, dk)]
     terms[:-1] = _final_state_term(variant, sent[:-1], received[1:])
     terms[last_pieces] = 0.0 if dht is None else _final_state_term(variant, dht, ht)
