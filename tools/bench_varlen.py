@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
+import time
 
 import torch
 
@@ -50,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=2048, help="H * D")
     p.add_argument("--packings", help=f"comma-separated subset of {', '.join(packings(1 << 16))}")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--no-unsplit", action="store_true",
+                   help="leave out lightgen with nothing cut (slow at long sequences: a program per head walks each)")
     args = p.parse_args(argv)
     known = packings(args.tokens)
     args.packings = args.packings.split(",") if args.packings else list(known)
@@ -101,20 +105,23 @@ def main(argv=None) -> None:
         cu = torch.tensor(offsets, dtype=torch.int32, device="cuda")
         cu_long, cu_cpu = cu.long(), torch.tensor(offsets)
         length = launch.piece_length(variant, sum(lengths), max(lengths), heads, q.device)
-        calls = {
-            "lightgen": lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay),
-            "lightgen unsplit": lambda: _unsplit(lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay)),
-        }
+        calls = {"lightgen": lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay)}
+        if not args.no_unsplit:
+            calls["lightgen unsplit"] = lambda: _unsplit(lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay))
         if variant.causal:
             calls["fla"] = lambda: fla_chunk(q, k, v, scale=variant.scale, cu_seqlens=cu_long, cu_seqlens_cpu=cu_cpu,
                                              **fla_decay)[0]
         row = {"packing": name, "sequences": len(lengths), "longest": max(lengths), "piece_length": length}
         for who, fn in calls.items():
+            began = time.perf_counter()
             row[who] = {"fwd_ms": bench.eager_time(fn), "fwdbwd_ms": bench.eager_time(fn, grad_of=leaves, do=do)}
             kernels = bench.kernel_times(fn, leaves, do)  # the GPU's part of a fwd+bwd (eager adds the host's)
             row[who]["kernels_fwdbwd_ms"] = sum(entry["ms"] for entry in kernels.values())
             if who == "lightgen":
                 row[who]["kernels"] = kernels
+            # (where a run's time goes, compiles and autotuning included: a run cut short says which contender)
+            print(f"  ({name}: {who} compiled and timed in {time.perf_counter() - began:.0f} s)", file=sys.stderr,
+                  flush=True)
         row["agreement"] = {other: _agreement(calls["lightgen"], calls[other], leaves, do)
                             for other in calls if other != "lightgen"}
         rows.append(row)
