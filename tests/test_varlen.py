@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import DEVICE, DTYPES
 from helpers import check_variant
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import lightgen
 from lightgen import launch, reference
@@ -63,6 +65,23 @@ def test_long_sequences_cut_into_pieces(spec, length, monkeypatch):
                         or handed(variant, kernel, *a))
     _check(spec, lengths=[0, *LENGTHS[1:], 0])
     assert passes == ["fwd_state", "bwd_state"]  # (the forward's and the backward's; each makes both sides)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(decay=st.sampled_from(["none", "constant", "scalar", "vector"]), causal=st.booleans(),
+       lrpe=st.sampled_from(["none", "d"]), lengths=st.lists(st.integers(0, 70), min_size=1, max_size=4),
+       piece=st.sampled_from([0, 8, 16, 24]), states=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_packings(decay, causal, lrpe, lengths, piece, states, seed):
+    """Drawn packings (empty sequences anywhere, lengths on and off the pieces' multiples), pieces of a drawn length
+    (0: none cut), every decay, causal or not, with or without the caller's states: forward and every gradient
+    against float64, as the fixed cases above."""
+    assume(causal or decay in ("none", "constant"))
+    assume(sum(lengths) > 0)
+    variant = lightgen.Variant(decay=decay, causal=causal, lrpe=lrpe, dk=16, dv=16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launch, "piece_length", lambda variant, tokens, longest, heads, device: piece)
+        check_variant(variant, b=1, n=None, h=2, dtype=DTYPES[0], device=DEVICE, seed=seed, states=causal and states,
+                      offset=3 if causal else 0, lengths=lengths)
 
 
 @pytest.mark.parametrize("spec", ["decay=constant,causal,lrpe=d,phi=silu,dk=32,dv=16", "decay=none,causal,dk=16,dv=32",
