@@ -771,7 +771,7 @@ def _log_decay_grad(variant, dG, terms, cu_seqlens=None):
         return _packed_log_decay_grad(variant, dG, terms, cu_seqlens)
     if terms is not None:
         dG[:, -1] += terms
-    if variant.decay == "vector" and _use_kernels(dG):
+    if variant.decay == "vector":  # (the kernels' backward only: _use_kernels held for its inputs)
         return _suffix_sums(variant, dG)
     # torch scans a copy with N last along its rows (its scan over dim 1 of [B, N, H] took 1.46 ms at B = 8,
     # N = 8K, H = 16 on H100; this, a few us)
