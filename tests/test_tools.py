@@ -342,5 +342,6 @@ def test_bench_varlen_packings_and_spec_check():
         with pytest.raises(SystemExit, match=f"--spec {refused}"):
             bench_varlen.main(["--spec", refused])
     assert bench_varlen.parse_args(["--packings", "mix,one"]).packings == ["mix", "one"]
+    assert bench_varlen.parse_args(["--no-fla"]).no_fla and not bench_varlen.parse_args([]).no_fla
     with pytest.raises(SystemExit):
         bench_varlen.parse_args(["--packings", "mix,twelve"])

@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--no-unsplit", action="store_true",
                    help="leave out lightgen with nothing cut (slow at long sequences: a program per head walks each)")
+    p.add_argument("--no-fla", action="store_true",
+                   help="leave out fla (its chunk_gla autotunes over 200 configs on first use: minutes)")
     args = p.parse_args(argv)
     known = packings(args.tokens)
     args.packings = args.packings.split(",") if args.packings else list(known)
@@ -79,12 +81,15 @@ def main(argv=None) -> None:
         g = random_log_decays(1, args.tokens, heads, torch.Generator().manual_seed(0), dims=dims).cuda()
         bench.lift_fla_hopper_guard()
     ours_decay, fla_decay = bench._decays(variant, slopes, g)
-    if variant.decay == "vector":
-        from fla.ops.gla import chunk_gla as fla_chunk
-    elif variant.causal:
-        from fla.ops.simple_gla import chunk_simple_gla as fla_chunk
-    else:
+    run_fla = variant.causal and not args.no_fla
+    if not variant.causal:
         print("fla: not run (its kernels are causal only)")
+    elif args.no_fla:
+        print("fla: not run (--no-fla)")
+    elif variant.decay == "vector":
+        from fla.ops.gla import chunk_gla as fla_chunk
+    else:
+        from fla.ops.simple_gla import chunk_simple_gla as fla_chunk
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape = (1, args.tokens, heads)
@@ -108,7 +113,7 @@ def main(argv=None) -> None:
         calls = {"lightgen": lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay)}
         if not args.no_unsplit:
             calls["lightgen unsplit"] = lambda: _unsplit(lambda: attn(q, k, v, cu_seqlens=cu, **ours_decay))
-        if variant.causal:
+        if run_fla:
             calls["fla"] = lambda: fla_chunk(q, k, v, scale=variant.scale, cu_seqlens=cu_long, cu_seqlens_cpu=cu_cpu,
                                              **fla_decay)[0]
         row = {"packing": name, "sequences": len(lengths), "longest": max(lengths), "piece_length": length}
