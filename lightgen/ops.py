@@ -428,27 +428,29 @@ def record_launches(attn, q, k, v, do, **kwargs) -> dict:
 
 
 def _launch(module, variant, kernel, q, tile_name, args, offset, segments, cu_seqlens=None, batch=None,
-            packed=None, **flags):
+            packed=None, scale=None, **flags):
     """One kernel over B*H*tiles programs: its output's head dim ("BK": dk, "BV": dv) is tiled.
     Packed sequences (cu_seqlens): S*H*tiles programs of the varlen module's kernel, over the sequences of
     `packed` (split.Packed: pieces, the longest first) where it is given, else of cu_seqlens in packed order.
-    batch: programs for only that many of the B rows (the pieces module's SKIP)."""
+    batch: programs for only that many of the B rows (the pieces module's SKIP). scale: the run-time scale, where
+    not the variant's (_from_both_sides)."""
     import triton.language as tl
 
     if _recorded is not None:  # record_launches: the first call of each kernel, not launched
         _recorded.setdefault(kernel, ((module, variant, kernel, q, tile_name, args, offset, segments),
-                                      dict(cu_seqlens=cu_seqlens, batch=batch, packed=packed, **flags)))
+                                      dict(cu_seqlens=cu_seqlens, batch=batch, packed=packed, scale=scale, **flags)))
         return
     b, n, h, _ = q.shape
+    scale = variant.scale if scale is None else scale
     if cu_seqlens is None:
-        length, tail = n, (n, h, variant.scale, offset, segments)
+        length, tail = n, (n, h, scale, offset, segments)
     else:
         # the same per-chunk code as the plain kernel's: its tuned configs serve, at the mean length
         if packed is None:  # (each sequence whole, where it starts, in packed order)
             order = torch.arange(cu_seqlens.numel() - 1, dtype=torch.int32, device=q.device)
             packed = split.Packed(cu_seqlens, cu_seqlens, None, order)
         b = packed.count
-        length, tail = n // b, (packed.cu, packed.seq_start, packed.order, n, h, variant.scale, offset)
+        length, tail = n // b, (packed.cu, packed.seq_start, packed.order, n, h, scale, offset)
     params = launch.params(variant, kernel, q.dtype, length, q.device)
     tile = params[tile_name]
     tiles = (variant.dk if tile_name == "BK" else variant.dv) // tile
@@ -521,28 +523,24 @@ def _handed_states(variant, kernel, x, y, log_decay, theta, offset, segments, st
 def _from_both_sides(variant, kernel, scanned, pieces, x):
     """Non-causal with a decay: the states `pieces` pieces are handed from both sides, [2 * pieces, H, F, dv], those
     from the left (scanned("fwd_state", ...): a state pass and the forward scan) then those from the right
-    (scanned("bwd_state", ...)), each written in place (out)."""
+    (scanned("bwd_state", ...)), each written in place (out). Both passes scale their states by the run-time scale
+    here: 1 for the forward's k-v states, the variant's for the backward's q-dO ones (as its gradients carry it)."""
     sides = torch.empty(_state_shape(variant, 2 * pieces, x.shape[2]), device=x.device, dtype=torch.float32)
     left, right = sides.chunk(2)
-    scanned("fwd_state", start=None, out=left)
-    scanned("bwd_state", start=None, out=right)
-    # bwd_state folds the scale into its states (as the causal backward's gradients carry it), fwd_state does not (as
-    # the forward's states): the k-v states from the right lose it, the q-dO ones from the left gain it
-    if kernel == "fwd_state":
-        right.div_(variant.scale)
-    else:
-        left.mul_(variant.scale)
+    scale = 1.0 if kernel == "fwd_state" else variant.scale
+    scanned("fwd_state", start=None, out=left, scale=scale)
+    scanned("bwd_state", start=None, out=right, scale=scale)
     return sides
 
 
-def _scanned(variant, kernel, *, x, y, log_decay, theta, offset, segments, start, out=None):
+def _scanned(variant, kernel, *, x, y, log_decay, theta, offset, segments, start, out=None, scale=None):
     """A state pass over pieces cut finer still, then the scan (forward for fwd_state, reverse for bwd_state) to one
-    state per piece (written into out where given)."""
+    state per piece (written into out where given). scale: _launch's."""
     n = x.shape[1]
     finer = launch.state_split(variant, x.shape, segments, x.device)
     # the states the scan never uses are left out: each sequence's last pieces' forward, first pieces' backward
     module, own, decays, reach = _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments * finer,
-                                               skip=finer, every=finer)
+                                               skip=finer, every=finer, scale=scale)
     return split.scan(module, own, decays, segments * finer, n // (segments * finer), start,
                       reverse=kernel == "bwd_state", every=finer, reach=reach, out=out)
 
@@ -565,7 +563,7 @@ def _packed_handed_states(variant, kernel, x, y, log_decay, theta, offset, packe
     return scanned(kernel, start=start)
 
 
-def _packed_scanned(variant, kernel, *, x, y, log_decay, theta, offset, packed, start, out=None):
+def _packed_scanned(variant, kernel, *, x, y, log_decay, theta, offset, packed, start, out=None, scale=None):
     """_scanned of packed sequences' pieces."""
     module = build.load(variant, "varlen_pieces")
     reach = split.reach_bits(x.dtype)
@@ -575,7 +573,7 @@ def _packed_scanned(variant, kernel, *, x, y, log_decay, theta, offset, packed, 
     count = packed.count * every.get("EVERY", 1)
     own = torch.empty(_state_shape(variant, count, x.shape[2]), device=x.device, dtype=torch.float32)
     _launch(module, variant, kernel, x, "BV", (x, y, own, log_decay, theta), offset, 1, packed.cu, batch=count,
-            packed=packed, HAS_FINAL=True, REACH=reach, **every)
+            packed=packed, scale=scale, HAS_FINAL=True, REACH=reach, **every)
     decays = split.packed_log_decays(module, variant, log_decay, packed)
     return split.packed_scan(module, own, decays, packed, start, reverse=kernel == "bwd_state",
                              every=every.get("EVERY"), reach=reach, out=out)
@@ -586,20 +584,21 @@ def _whole(t, b, n):
     return None if t is None else t.view(b, n, *t.shape[2:])
 
 
-def _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments, skip=0, every=1):
+def _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments, skip=0, every=1, scale=None):
     """A state pass of the pieces module over each sequence's `segments` pieces: (the module, one state per
     piece and head [B * P, H, F, dv] fp32, the pieces' log decays and the pass's reach bits as split.scan takes
     them: the scan must skip the very pieces the pass left empty). kernel: fwd_state
     (x, y = k, v) or bwd_state (q, dO). skip: not for the pieces whose states the scan never uses (each
     sequence's last `skip` under fwd_state, first under bwd_state; their slots are left empty): less to read.
-    every: state-pass pieces per kernel piece (launch.state_split), whose boundaries bound decay=constant's windows."""
+    every: state-pass pieces per kernel piece (launch.state_split), whose boundaries bound decay=constant's windows.
+    scale: _launch's."""
     module = build.load(variant, "pieces")
     pieces = functools.partial(split.as_pieces, segments=segments)
     piece_decay = split.kernel_log_decay(variant, log_decay, segments)
     states = _state_like(variant, pieces(x))
     reach = split.reach_bits(x.dtype)
     _launch(module, variant, kernel, pieces(x), "BV", (pieces(x), pieces(y), states, piece_decay, theta), offset,
-            segments, batch=x.shape[0] * (segments - skip) if skip else None, HAS_FINAL=True, SKIP=skip,
+            segments, batch=x.shape[0] * (segments - skip) if skip else None, scale=scale, HAS_FINAL=True, SKIP=skip,
             EVERY=every, REACH=reach)
     return module, states, split.scan_log_decays(variant, log_decay, x.shape, segments), reach
 
