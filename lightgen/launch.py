@@ -93,7 +93,7 @@ def _step_heuristic(variant, interpreted: bool) -> dict:
 
 # Process-wide, not context-local: autograd runs CUDA backwards on its own threads, which a
 # context variable would not reach. Meant for the tuner and tests, one block at a time.
-_forced: dict = {"params": None, "backward": None}
+_forced: dict = {"params": None, "backward": None, "pieces": None}
 
 
 @contextlib.contextmanager
@@ -117,6 +117,12 @@ def backward(path: str):
     if path not in BACKWARDS:
         raise ValueError(f"path={path!r}: expected one of {', '.join(BACKWARDS)}")
     return _forcing("backward", path)
+
+
+def pieces(count: int):
+    """Within the block, a batch call cuts each sequence into `count` pieces (segments()), with no finer state pieces,
+    on any device: record_launches takes the state passes of a non-causal variant with a decay this way."""
+    return _forcing("pieces", count)
 
 
 # ---- the backward's kernels --------------------------------------------------------------------
@@ -310,7 +316,9 @@ def segments(variant, shape, dtype, device) -> int:
     0.417 / 1.301, 8: 0.373 / 1.130, 16: 0.394 / 1.193); at dv = 128, one (16K 2: 0.379 / 1.161, 4: 0.383 / 1.180;
     64K 8: 0.387 / 1.188, 16: 0.403 / 1.245). Non-causal with a decay (session 28) is split as the causal variants
     are: each piece is handed a state from each side, two state passes and scans each way. (Pairs, not programs: the
-    count must not depend on tuned tiles, so that torch.compile can trace it.)"""
+    count must not depend on tuned tiles, so that torch.compile can trace it.) Forced by `pieces(...)`."""
+    if _forced["pieces"] is not None:
+        return _forced["pieces"]
     if device.type != "cuda":
         return 1
     b, n, h, _ = shape
@@ -365,7 +373,7 @@ def state_split(variant, shape, segments, device) -> int:
     2: 0.553 / 1.852. D = 64, 64 programs (32K): 1: 0.532 / 1.645, 2: 0.488 / 1.551, 4: 0.487 / 1.549.
     decay=none D = 128, 16K: 1: 0.487 / 1.685, 2: 0.479 / 1.661. Full TNL (LRPE-d, silu), 16K: 1: 1.771 / 8.118,
     2: 1.536 / 7.746, 4: 1.556 / 7.772; 64K: 1: 1.735 / 8.117, 2: 1.753 / 8.156."""
-    if segments == 1 or device.type != "cuda":
+    if segments == 1 or device.type != "cuda" or _forced["pieces"] is not None:
         return 1
     b, n, h, _ = shape
     if variant.decay == "constant":

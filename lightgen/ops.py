@@ -401,9 +401,10 @@ _recorded: dict | None = None  # while record_launches runs: kernel name -> its 
 def record_launches(attn, q, k, v, do, **kwargs) -> dict:
     """kernel name -> (args, kwargs) of its _launch call in one forward + backward of `attn` on q, k, v
     (`kwargs`: attn's keyword arguments) with the output's gradient `do`, once per backward path
-    (launch.BACKWARDS), and for a causal variant its state passes (chunk_state and state_gradient: fwd_state,
-    bwd_state). Nothing is launched, so the outputs are garbage; the kernel path is taken on any device, CPU
-    tensors without Triton's interpreter too. Replaying a call, _launch(*args, **kwargs) under
+    (launch.BACKWARDS), and its state passes (fwd_state, bwd_state) where it has them: a causal variant's by
+    chunk_state and state_gradient, a non-causal one's with a decay by a forward + backward with the sequence cut in
+    two (launch.pieces: the forward's k-v passes, scale 1). Nothing is launched, so the outputs are garbage; the
+    kernel path is taken on any device, CPU tensors without Triton's interpreter too. Replaying a call, _launch(*args, **kwargs) under
     launch.override, launches one kernel with a chosen config."""
     global _recorded
     if _recorded is not None:
@@ -418,6 +419,10 @@ def record_launches(attn, q, k, v, do, **kwargs) -> dict:
             decays = {name: kwargs[name] for name in ("slopes", "theta", "g") if name in kwargs}
             attn.chunk_state(k, v, **decays)
             attn.state_gradient(q, do, **decays)
+        elif attn.variant.two_sided:
+            with launch.pieces(2):
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                attn(*leaves, **kwargs).backward(do)
     finally:
         _recorded = None
     missing = [name for name in launch.kernels(attn.variant) if name not in calls]
@@ -541,6 +546,8 @@ def _scanned(variant, kernel, *, x, y, log_decay, theta, offset, segments, start
     # the states the scan never uses are left out: each sequence's last pieces' forward, first pieces' backward
     module, own, decays, reach = _piece_states(variant, kernel, x, y, log_decay, theta, offset, segments * finer,
                                                skip=finer, every=finer, scale=scale)
+    if _recorded is not None:  # record_launches: the state pass is what it takes (the scan's launch is fixed)
+        return own if out is None else out
     return split.scan(module, own, decays, segments * finer, n // (segments * finer), start,
                       reverse=kernel == "bwd_state", every=finer, reach=reach, out=out)
 

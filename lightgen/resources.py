@@ -1,7 +1,8 @@
 """What a variant's kernels compile to on a GPU that need not be here (`lightgen inspect SPEC --arch sm90`).
 
 Device time is scarce and a kernel's registers, spills and instruction mix explain most of its time, so this
-compiles each launch-tuned kernel (and a causal variant's state passes, fwd_state and bwd_state) for the target
+compiles each launch-tuned kernel (and the state passes, fwd_state and bwd_state, of a causal variant or a
+non-causal one with a decay) for the target
 as a launch would: the arguments of a forward + backward (ops.record_launches on small CPU tensors, nothing
 runs), Triton's own argument specialization for that target, and the launch config that GPU takes (its arch's
 tuned entry, else the heuristic; or one given).

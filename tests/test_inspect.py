@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from lightgen import configs, launch, render, resources
+from lightgen import configs, launch, ops, render, resources
 from lightgen.spec import Variant
 
 TNL64 = "decay=constant,causal,dk=64,dv=64"
@@ -55,6 +55,22 @@ def test_inspect_compiles_every_kernel_for_sm90_with_its_tuned_config():
         assert 0 < int(row["regs"]) <= 255 and int(row["stack"]) >= 0 and float(row["smem"]) > 0
         assert int(row["HGMMA"]) > 0  # Hopper's wgmma: the 64-token products of every kernel
     assert rows["fwd_state"]["warps"] == "4" and rows["fwd_state"]["config"].endswith("as fwd's")
+
+
+def test_inspect_compiles_the_state_passes_of_a_noncausal_decayed_variant():
+    """A non-causal variant with a decay has state passes too (a long sequence's pieces are handed a state from
+    each side): record_launches takes them from a forward + backward cut in two, the forward's k-v passes with the
+    scale 1, and inspect compiles them as it does a causal variant's."""
+    spec = "decay=constant,noncausal,dk=64,dv=64"
+    launches = ops.record_launches(ops.compile(spec), *(torch.zeros(1, 64, 2, 64) for _ in range(4)))
+    assert {"fwd_state", "bwd_state"} <= set(launches)
+    assert [launches[k][1]["scale"] for k in ("fwd_state", "bwd_state")] == [1.0, 1.0]
+    assert launches["fwd"][1]["scale"] is None  # (the kernels' own: the variant's)
+    code, out, err = _inspect(spec, "--arch", "sm90", "--kernels", "fwd_state,bwd_state")
+    assert code == 0, err
+    rows = _rows(out)
+    assert list(rows) == ["fwd_state", "bwd_state"] and rows["bwd_state"]["config"].endswith("as bwd_dv's")
+    assert all(int(row["HGMMA"]) > 0 and row["stack"] == "0" for row in rows.values())
 
 
 def test_inspect_names_the_arch_it_compiled_for_and_takes_a_given_config(tmp_path):
