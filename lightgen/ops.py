@@ -404,8 +404,8 @@ def record_launches(attn, q, k, v, do, **kwargs) -> dict:
     (launch.BACKWARDS), and its state passes (fwd_state, bwd_state) where it has them: a causal variant's by
     chunk_state and state_gradient, a non-causal one's with a decay by a forward + backward with the sequence cut in
     two (launch.pieces: the forward's k-v passes, scale 1). Nothing is launched, so the outputs are garbage; the
-    kernel path is taken on any device, CPU tensors without Triton's interpreter too. Replaying a call, _launch(*args, **kwargs) under
-    launch.override, launches one kernel with a chosen config."""
+    kernel path is taken on any device, CPU tensors without Triton's interpreter too. Replaying a call,
+    _launch(*args, **kwargs) under launch.override, launches one kernel with a chosen config."""
     global _recorded
     if _recorded is not None:
         raise RuntimeError("record_launches: already recording (one recording at a time)")

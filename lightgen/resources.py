@@ -2,10 +2,9 @@
 
 Device time is scarce and a kernel's registers, spills and instruction mix explain most of its time, so this
 compiles each launch-tuned kernel (and the state passes, fwd_state and bwd_state, of a causal variant or a
-non-causal one with a decay) for the target
-as a launch would: the arguments of a forward + backward (ops.record_launches on small CPU tensors, nothing
-runs), Triton's own argument specialization for that target, and the launch config that GPU takes (its arch's
-tuned entry, else the heuristic; or one given).
+non-causal one with a decay) for the target as a launch would: the arguments of a forward + backward
+(ops.record_launches on small CPU tensors, nothing runs), Triton's own argument specialization for that target, and
+the launch config that GPU takes (its arch's tuned entry, else the heuristic; or one given).
 Triton compiles through its own ptxas; the report reads the cubin with the CUDA tools Triton ships:
   regs      registers per thread (255 is the most a thread can have)
   stack     the stack frame in bytes per thread: registers spilled (at 255 registers), or a local array (under 255:
