@@ -218,6 +218,7 @@ SHIPPED = {
     "decay=vector,causal,dk=128,dv=128": (("bf16",), None),
     "decay=none,noncausal,dk=128,dv=128": (("bf16", "fp16"), None),  # session 24
     "decay=none,noncausal,dk=64,dv=64": (("bf16", "fp16"), None),
+    "decay=constant,noncausal,dk=128,dv=128": (("bf16", "fp16"), None),  # session 30 (1K-8K)
 }
 
 
