@@ -777,17 +777,25 @@ def _log_decay_grad(variant, dG, terms, cu_seqlens=None):
         return _packed_log_decay_grad(variant, dG, terms, cu_seqlens)
     if terms is not None:
         dG[:, -1] += terms
-    if variant.decay == "vector":  # (the kernels' backward only: _use_kernels held for its inputs)
+    if variant.decay == "vector" or dG.shape[1] <= SUFFIX_KERNEL_ROWS:  # (the kernels' backward only)
         return _suffix_sums(variant, dG)
     # torch scans a copy with N last along its rows (its scan over dim 1 of [B, N, H] took 1.46 ms at B = 8,
-    # N = 8K, H = 16 on H100; this, a few us)
+    # N = 8K, H = 16 on H100; this, 66 us: SUFFIX_KERNEL_ROWS)
     return dG.movedim(1, -1).contiguous().flip(-1).cumsum(-1).flip(-1).movedim(-1, 1).contiguous()
+
+
+# decay=scalar's dL/dG [B, N, H] is summed from each sequence's end by suffix_sums (one program a sequence, 128 rows
+# a step at H = 16) up to this many rows, else by torch (five passes, but over every row at once). H100, H = 16, us,
+# torch / suffix_sums (session 30, out/p30_suffix.py): B = 32, N = 2K 61 / 28; 8 x 8K 66 / 92; 4 x 16K 68 / 177;
+# 1 x 64K 111 / 695. A learned decay's split backward at 65,536 tokens runs pieces of 2,048 (launch.segments).
+SUFFIX_KERNEL_ROWS = 2048
 
 
 def _suffix_sums(variant, dG, cu_seqlens=None):
     """decay=vector: dG [B, N, H, dk] summed from each sequence's end (packed: [1, T, H, dk], each sequence of
     cu_seqlens from its own), in place, by the pieces module's suffix_sums: big enough for a kernel of its own.
-    Packed decay=scalar too ([1, T, H]): torch has no scan that restarts at each sequence."""
+    decay=scalar ([B, N, H]) too where its sequences are short (SUFFIX_KERNEL_ROWS), and packed ([1, T, H]): torch
+    has no scan that restarts at each sequence."""
     cols = dG[0, 0].numel()
     # columns per program (at B = 1, H * dk = 2048 makes 64 programs; packed scalar's H = 16, one), 2,048 entries a step
     block = min(32, max(16, 1 << (cols - 1).bit_length()))

@@ -41,6 +41,24 @@ def test_cumulative_decay_far_past_the_float_range(monkeypatch):
     check_variant(variant, b=1, n=n, h=2, dtype=DTYPES[0], device=DEVICE, states=True)  # NaN fails too
 
 
+@pytest.mark.parametrize("kernel_rows", [2048, 0])  # ops.SUFFIX_KERNEL_ROWS: the rule's (the kernel), 0 (torch)
+def test_log_decay_grad_by_kernel_and_by_torch(kernel_rows, monkeypatch):
+    """dg of a batch from dL/dG (ops._log_decay_grad): each row the sum of its sequence's rows from it on, plus the
+    final-state term at the last row, by the pieces module's suffix_sums (sequences of up to SUFFIX_KERNEL_ROWS
+    rows; here 300, three of its 128-row steps) or by torch's scan. Against float64."""
+    from lightgen import ops
+
+    monkeypatch.setattr(ops, "SUFFIX_KERNEL_ROWS", kernel_rows)
+    variant = lightgen.Variant.parse("decay=scalar,causal,dk=16,dv=16")
+    g = torch.Generator().manual_seed(5)
+    dG, terms = torch.randn(3, 300, 16, generator=g), torch.randn(3, 16, generator=g)
+    expected = dG.double().clone()
+    expected[:, -1] += terms.double()
+    expected = expected.flip(1).cumsum(1).flip(1)
+    got = ops._log_decay_grad(variant, dG.to(DEVICE), terms.to(DEVICE))
+    assert rel_err(got.cpu(), expected) < 1e-6
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_cpu_reference_path_matches_the_kernels(packed, monkeypatch):
     """LIGHTGEN_CPU_REFERENCE=1 runs lightgen.reference instead of the kernels: same o, final state and
