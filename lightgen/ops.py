@@ -797,7 +797,7 @@ def _suffix_sums(variant, dG, cu_seqlens=None):
     decay=scalar ([B, N, H]) too where its sequences are short (SUFFIX_KERNEL_ROWS), and packed ([1, T, H]): torch
     has no scan that restarts at each sequence."""
     cols = dG[0, 0].numel()
-    # columns per program (at B = 1, H * dk = 2048 makes 64 programs; packed scalar's H = 16, one), 2,048 entries a step
+    # columns per program (at B = 1, H * dk = 2048 makes 64 programs; scalar's H = 16, one), 2,048 entries a step
     block = min(32, max(16, 1 << (cols - 1).bit_length()))
     if cu_seqlens is None:
         module, sequences, length = "pieces", dG.shape[0], dG.shape[1]
