@@ -410,19 +410,22 @@ def record_launches(attn, q, k, v, do, **kwargs) -> dict:
     if _recorded is not None:
         raise RuntimeError("record_launches: already recording (one recording at a time)")
     _recorded = calls = {}
+
+    def forward_backward():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        attn(*leaves, **kwargs).backward(do)
+
     try:
         for path in launch.BACKWARDS:  # the backward's two ways: the kernels of both
             with launch.backward(path):
-                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-                attn(*leaves, **kwargs).backward(do)
+                forward_backward()
         if attn.variant.causal:
             decays = {name: kwargs[name] for name in ("slopes", "theta", "g") if name in kwargs}
             attn.chunk_state(k, v, **decays)
             attn.state_gradient(q, do, **decays)
         elif attn.variant.two_sided:
             with launch.pieces(2):
-                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-                attn(*leaves, **kwargs).backward(do)
+                forward_backward()
     finally:
         _recorded = None
     missing = [name for name in launch.kernels(attn.variant) if name not in calls]
