@@ -299,6 +299,58 @@ def test_generate_argument_errors(kwargs, field):
         model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
 
 
+def test_generate_cuda_graph_argument_errors():
+    model = make_model()
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="^cuda_graph='yes': expected True, False or None"):
+        model.generate(prompt, 3, cuda_graph="yes")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^cuda_graph=True: the prompts are on cpu"):
+            model.generate(prompt, 3, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_graph_replays_the_eager_steps():
+    """The decode step replayed from a CUDA graph gives the eager step's logits, states and positions, token after
+    token (the full TNL in layer 0: LRPE reads the positions the graph advances), and gives the cache back its int
+    position; generate's tokens are the same with and without a graph, for a batch and for ragged prompts."""
+    model = make_model(lrpe_layers=[0]).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(8)).cuda()
+    with torch.no_grad():
+        _, eager = generation.prefill(model, ids[:, :40], chunk_size=16)
+        _, graphed = generation.prefill(model, ids[:, :40], chunk_size=16)
+        graph = generation.DecodeGraph(model, graphed, batch=2)
+        assert graphed.position.tolist() == [40, 40]
+        for t in range(40, 60):
+            expected = model(ids[:, t:t + 1], cache=eager)[:, -1]
+            assert torch.equal(graph(ids[:, t]), expected), t
+        graph.close()
+    assert graphed.position == eager.position == 60
+    for a, b in zip(graphed.states, eager.states):
+        assert torch.equal(a, b)
+    prompt = ids[:, :7]
+    assert torch.equal(model.generate(prompt, 30, greedy=True, cuda_graph=True),
+                       model.generate(prompt, 30, greedy=True, cuda_graph=False))
+    prompts = [ids[0, :7], ids[1, :1], ids[1, :12]]
+    for a, b in zip(model.generate(prompts, 30, greedy=True, cuda_graph=True),
+                    model.generate(prompts, 30, greedy=True, cuda_graph=False)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_graph_under_autocast():
+    """An fp32 model under bf16 autocast (as tools/bench_tnl runs it): the capture casts the weights on every replay
+    (autocast's cast cache is off while capturing) and decodes as the eager steps do."""
+    model = make_model(lrpe_layers=[0]).cuda()
+    prompt = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(9)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphed = model.generate(prompt, 20, greedy=True, cuda_graph=True)
+        eager = model.generate(prompt, 20, greedy=True, cuda_graph=False)
+    assert torch.equal(graphed, eager)
+
+
 # ---- gradients vs a float64 reference ----------------------------------------------------------
 
 class Float64Reference:

@@ -15,7 +15,8 @@ with --checkpoint, 4 KB (the block's input) plus one block at a time.
 
 Generation (TNL only): a random prompt of each --gen-contexts length is read by the model's chunked
 prefill (tnl.generation.prefill), then --gen-tokens tokens are decoded greedily, one recurrent step
-each, batch 1; reported: ms per token (median) and the ratio to the first context.
+each, batch 1; reported: ms per token (median) and the ratio to the first context, for steps called from
+Python and (on a GPU) replayed from a CUDA graph (tnl.generation.DecodeGraph, as generate runs them there).
 
 Every row runs on its own: one that runs out of memory (or fails) is reported as such and the others
 still run. A table goes to stdout, everything to --json.
@@ -135,17 +136,23 @@ def generation_row(model, context: int, args, device, amp_dtype) -> dict:
     with measure.autocast(device, amp_dtype):
         prefill_s, (logits, cache) = measure.timed(lambda: generation.prefill(model, prompt), device)
         token = generation.sample_next(logits, greedy=True)
+        row = {"prefill_tokens_per_s": context / prefill_s,
+               **_decode_times(lambda t: model(t[:, None], cache=cache)[:, -1], token, args, device, "")}
+        if device.type == "cuda":  # the same steps replayed from a CUDA graph (generate's default on a GPU)
+            graph = generation.DecodeGraph(model, cache, 1)
+            row.update(_decode_times(graph, token, args, device, "graph_"))
+            graph.close()
+    return row
 
-        def decode_one():
-            return generation.sample_next(model(token[:, None], cache=cache)[:, -1], greedy=True)
 
-        seconds = []
-        for i in range(args.warmup + args.gen_tokens):
-            elapsed, token = measure.timed(decode_one, device)
-            if i >= args.warmup:
-                seconds.append(elapsed)
-    return {"prefill_tokens_per_s": context / prefill_s, "ms_per_token": measure.median(seconds) * 1e3,
-            "max_ms_per_token": max(seconds) * 1e3}
+def _decode_times(step, token, args, device, prefix: str) -> dict:
+    """ms per greedy token of step(tokens [B]) -> logits [B, V] (median and max over --gen-tokens after --warmup)."""
+    seconds = []
+    for i in range(args.warmup + args.gen_tokens):
+        elapsed, token = measure.timed(lambda: generation.sample_next(step(token), greedy=True), device)
+        if i >= args.warmup:
+            seconds.append(elapsed)
+    return {f"{prefix}ms_per_token": measure.median(seconds) * 1e3, f"{prefix}max_ms_per_token": max(seconds) * 1e3}
 
 
 def run_generation(config: TNLConfig, args, device, amp_dtype) -> list[dict]:
@@ -161,11 +168,16 @@ def run_generation(config: TNLConfig, args, device, amp_dtype) -> list[dict]:
         row = {"context": context, **measure.guarded(lambda: generation_row(model, context, args, device, amp_dtype),
                                                      device)}
         rows.append(row)
-        print(f"  generation, context {context}: {_cell(row, 'ms_per_token', '.2f')} ms/token", file=sys.stderr)
+        print(f"  generation, context {context}: {_cell(row, 'ms_per_token', '.2f')} ms/token"
+              + (f", {_cell(row, 'graph_ms_per_token', '.2f')} from a CUDA graph" if "graph_ms_per_token" in row else ""),
+              file=sys.stderr)
     base = rows[0].get("ms_per_token") if rows else None
+    graph_base = rows[0].get("graph_ms_per_token") if rows else None
     for row in rows:
         if base and row.get("ms_per_token"):
             row["vs_first_context"] = row["ms_per_token"] / base
+        if graph_base and row.get("graph_ms_per_token"):
+            row["graph_vs_first_context"] = row["graph_ms_per_token"] / graph_base
     return rows
 
 
@@ -227,10 +239,13 @@ def report(result: dict) -> str:
     if result["generation"]:
         first = result["generation"][0]["context"]
         rows = [[r["context"], _cell(r, "prefill_tokens_per_s", ",.0f"), _cell(r, "ms_per_token", ".2f"),
-                 measure.fmt(r.get("max_ms_per_token"), ".2f"), measure.fmt(r.get("vs_first_context"), ".3f")]
+                 measure.fmt(r.get("max_ms_per_token"), ".2f"), measure.fmt(r.get("vs_first_context"), ".3f"),
+                 measure.fmt(r.get("graph_ms_per_token"), ".3f"), measure.fmt(r.get("graph_vs_first_context"), ".3f")]
                 for r in result["generation"]]
-        lines += ["", f"TNL generation (batch 1, greedy, {result['gen_tokens']} tokens timed):",
-                  measure.table(["context", "prefill tok/s", "ms/token", "max ms/token", f"latency vs {first}"], rows)]
+        lines += ["", f"TNL generation (batch 1, greedy, {result['gen_tokens']} tokens timed; eager steps, and "
+                  "replayed from a CUDA graph):",
+                  measure.table(["context", "prefill tok/s", "ms/token", "max ms/token", f"latency vs {first}",
+                                 "graph ms/token", f"graph vs {first}"], rows)]
     if result["targets"]:
         lines += ["", "Issue 5 targets:"] + [
             f"  {t['what']}: {t['value']:.3f} (target {t['target']}: {'met' if t['met'] else 'NOT met'})"
