@@ -309,6 +309,27 @@ def test_generate_cuda_graph_argument_errors():
             model.generate(prompt, 3, cuda_graph=True)
 
 
+def test_decode_step_keeps_its_buffers():
+    """What a CUDA graph of the decode step relies on (DecodeGraph), checked without a GPU: a step from a static token
+    buffer and a position tensor reads and writes the same tensors every time (each layer's state updated in place,
+    the position advanced in place) and gives the logits of steps at an int position (LRPE in layer 0)."""
+    model = make_model(lrpe_layers=[0])
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, eager = generation.prefill(model, ids[:, :20], chunk_size=8)
+        _, static = generation.prefill(model, ids[:, :20], chunk_size=8)
+        position, tokens = torch.full((2,), 20), torch.zeros(2, 1, dtype=torch.long)
+        static.position, states = position, list(static.states)
+        for t in range(20, 30):
+            tokens.copy_(ids[:, t:t + 1])
+            logits = model(tokens, cache=static)
+            torch.testing.assert_close(logits, model(ids[:, t:t + 1], cache=eager), rtol=1e-5, atol=1e-5)
+            assert static.position is position and position.tolist() == [t + 1] * 2
+            assert all(a is b for a, b in zip(static.states, states))
+    for a, b in zip(static.states, eager.states):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_decode_graph_replays_the_eager_steps():

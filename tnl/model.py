@@ -76,7 +76,7 @@ class TNLForCausalLM(nn.Module):
         if cache is not None and cu_seqlens is not None:
             cache.position = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # each prompt's next position
         elif cache is not None:
-            cache.position += input_ids.shape[1]
+            cache.position += input_ids.shape[1]  # (in place on a position tensor: a CUDA graph of a step advances it)
         return self.final_norm(x)
 
     def loss(self, input_ids, targets, cu_seqlens=None):
