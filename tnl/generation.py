@@ -10,7 +10,7 @@ and out, and its decode step kernel, which updates the state in place. Only powe
 j >= 0 appear, so nothing overflows at any length, and a new token costs the same time and memory
 whatever came before.
 
-On a GPU the decode loop replays one step of the whole model from a CUDA graph (decode_graph): a step is a few
+On a GPU the decode loop replays one step of the whole model from a CUDA graph (DecodeGraph): a step is a few
 hundred small kernels, which Python launches slower than the GPU runs them, and a linear-attention step has the
 same shapes and addresses at every token (its states are of fixed size and updated in place), so one capture
 serves the whole generation.
