@@ -309,6 +309,19 @@ def test_generate_cuda_graph_argument_errors():
             model.generate(prompt, 3, cuda_graph=True)
 
 
+def test_decode_graph_falls_back_to_eager_steps_where_capture_fails(monkeypatch):
+    """cuda_graph=None decodes eagerly, with a warning, where DecodeGraph fails; True raises."""
+    def fails(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(generation, "DecodeGraph", fails)
+    with pytest.warns(RuntimeWarning, match="could not be captured in a CUDA graph .RuntimeError: operation not"):
+        assert generation._decode_graph(None, None, 2, "auto") is None
+    with pytest.raises(RuntimeError, match="operation not permitted"):
+        generation._decode_graph(None, None, 2, True)
+    assert generation._decode_graph(None, None, 2, False) is None
+
+
 def test_decode_step_keeps_its_buffers():
     """What a CUDA graph of the decode step relies on (DecodeGraph), checked without a GPU: a step from a static token
     buffer and a position tensor reads and writes the same tensors every time (each layer's state updated in place,
@@ -351,8 +364,9 @@ def test_decode_graph_replays_the_eager_steps():
     for a, b in zip(graphed.states, eager.states):
         assert torch.equal(a, b)
     prompt = ids[:, :7]
-    assert torch.equal(model.generate(prompt, 30, greedy=True, cuda_graph=True),
-                       model.generate(prompt, 30, greedy=True, cuda_graph=False))
+    eager = model.generate(prompt, 30, greedy=True, cuda_graph=False)
+    assert torch.equal(model.generate(prompt, 30, greedy=True, cuda_graph=True), eager)
+    assert torch.equal(model.generate(prompt, 30, greedy=True, cuda_graph=None), eager)
     prompts = [ids[0, :7], ids[1, :1], ids[1, :12]]
     for a, b in zip(model.generate(prompts, 30, greedy=True, cuda_graph=True),
                     model.generate(prompts, 30, greedy=True, cuda_graph=False)):

@@ -10,10 +10,10 @@ and out, and its decode step kernel, which updates the state in place. Only powe
 j >= 0 appear, so nothing overflows at any length, and a new token costs the same time and memory
 whatever came before.
 
-On a GPU the decode loop replays one step of the whole model from a CUDA graph (DecodeGraph): a step is a few
-hundred small kernels, which Python launches slower than the GPU runs them, and a linear-attention step has the
-same shapes and addresses at every token (its states are of fixed size and updated in place), so one capture
-serves the whole generation.
+On a GPU the decode loop can replay one step of the whole model from a CUDA graph (DecodeGraph, generate's
+cuda_graph): a step is a few hundred small kernels, which Python launches slower than the GPU runs them, and a
+linear-attention step has the same shapes and addresses at every token (its states are of fixed size and updated
+in place), so one capture serves the whole generation.
 """
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, c
 
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
-             do_sample=None, eos_token_id=None, generator=None, cuda_graph=None):
+             do_sample=None, eos_token_id=None, generator=None, cuda_graph=False):
     """Prompt [B, N] -> [B, N + new]: chunked parallel prefill, then one recurrent step per token. Prompts of
     different lengths, a list of 1-D LongTensors: one packed prefill (prefill_ragged), then the steps of all of them
     at once, each at its own position; returns a list, each prompt followed by its new tokens.
@@ -208,8 +208,9 @@ def generate(model, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_
     top_p. Rows that produced eos_token_id are padded with it; generation stops once all have.
 
     cuda_graph: replay each decode step from a CUDA graph (DecodeGraph; the same kernels, so the same tokens).
-    None: on a CUDA device when more than GRAPH_MIN_TOKENS tokens are asked, falling back to eager steps with a
-    warning if the model cannot be captured; True: always (an error where it cannot)."""
+    True: always (an error where the model cannot be captured); None: on a CUDA device when more than
+    GRAPH_MIN_TOKENS tokens are asked, falling back to eager steps with a warning where the model cannot be
+    captured; False (the default until the graph has run on a GPU: session 31 got none): eager steps."""
     device = _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, cuda_graph)
     ragged = isinstance(input_ids, (list, tuple))
     if do_sample is not None:
