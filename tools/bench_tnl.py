@@ -175,13 +175,11 @@ def run_generation(config: TNLConfig, args, device, amp_dtype) -> list[dict]:
         print(f"  generation, context {context}: {_cell(row, 'ms_per_token', '.2f')} ms/token"
               + (f", {_cell(row, 'graph_ms_per_token', '.2f')} from a CUDA graph" if "graph_ms_per_token" in row else ""),
               file=sys.stderr)
-    base = rows[0].get("ms_per_token") if rows else None
-    graph_base = rows[0].get("graph_ms_per_token") if rows else None
-    for row in rows:
-        if base and row.get("ms_per_token"):
-            row["vs_first_context"] = row["ms_per_token"] / base
-        if graph_base and row.get("graph_ms_per_token"):
-            row["graph_vs_first_context"] = row["graph_ms_per_token"] / graph_base
+    for prefix in ("", "graph_"):  # eager steps, then replays
+        base = rows[0].get(f"{prefix}ms_per_token") if rows else None
+        for row in rows:
+            if base and row.get(f"{prefix}ms_per_token"):
+                row[f"{prefix}vs_first_context"] = row[f"{prefix}ms_per_token"] / base
     return rows
 
 
